@@ -1,0 +1,38 @@
+"""SupportCache: one support's encoding, computed once and reused for every query slice it serves."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SupportCache:
+    """The query-independent part of SD-FSMIS for G supports of k shots each.
+
+    prototype: QE support prototype p_s, (G, C_latent)
+    embedding: VTCT text-like embedding, (G, n_tokens, D)
+    tokens:    SII keys/values per transformer block index, each (G, k*L, C)
+    shots:     k, the number of annotated slices per support
+    """
+
+    prototype: torch.Tensor
+    embedding: torch.Tensor
+    tokens: dict[int, torch.Tensor]
+    shots: int
+
+    @property
+    def groups(self) -> int:
+        return self.prototype.shape[0]
+
+    def to(self, device=None, dtype=None) -> "SupportCache":
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device=device, dtype=dtype if t.is_floating_point() else None)
+
+        return SupportCache(
+            move(self.prototype), move(self.embedding), {i: move(t) for i, t in self.tokens.items()}, self.shots
+        )
+
+    def nbytes(self) -> int:
+        ts = [self.prototype, self.embedding, *self.tokens.values()]
+        return sum(t.numel() * t.element_size() for t in ts)

@@ -1,0 +1,49 @@
+"""SD-FSMIS configuration: one dataclass that records the architecture and every inference default."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class SDFSMISConfig:
+    """Everything needed to rebuild a model and run it as it was trained.
+
+    unet / vae / dino are the diffusers UNet2DConditionModel, AutoencoderKL and transformers
+    Dinov2Config dictionaries; the rest are the SD-FSMIS choices (paper values for `sd15`).
+    """
+
+    preset: str
+    unet: dict[str, Any]
+    vae: dict[str, Any]
+    dino: dict[str, Any]
+    image_size: int = 256          # network input H = W [256]
+    dino_size: int = 224           # VTCT encoder input H = W (multiple of the patch size)
+    n_tokens: int = 4              # VTCT text-like tokens (the paper leaves N open)
+    vtct_hidden: int = 768         # VTCT MLP hidden width
+    qe_threshold: float = 0.7      # QE cosine-similarity threshold [0.7]
+    timestep: int = 999            # single-step conditioning timestep [999]
+    threshold: float = 0.5         # mask threshold on the decoded [0, 1] map
+    train_encoder: bool = False    # VTCT image encoder trained with the rest (False: frozen DINOv2)
+    lr_unet: float = 1e-5          # AdamW learning rate of the UNet [1e-5]
+    lr_new: float = 5e-5           # AdamW learning rate of the MLP and new layers [5e-5]
+    weight_decay: float = 1e-2     # [1e-2]
+    batch_size: int = 1            # training episodes per step [1]
+    iterations: int = 15000        # training iterations [15k]
+    sources: dict[str, Any] = field(default_factory=dict)  # where pretrained parts came from
+
+    @property
+    def latent_size(self) -> int:
+        """H = W of the VAE latents (image_size / 2**(number of VAE down blocks - 1))."""
+        return self.image_size // 2 ** (len(self.vae["block_out_channels"]) - 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SDFSMISConfig":
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown SD-FSMIS config keys: {sorted(unknown)}")
+        return cls(**data)

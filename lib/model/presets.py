@@ -1,0 +1,79 @@
+"""Architectures of the three presets: sd15 (the paper), mini (CPU default), tiny (tests).
+
+The sd15 numbers are those of Stable Diffusion v1.5 (unet/, vae/) and facebook/dinov2-small.
+"""
+from __future__ import annotations
+
+import copy
+
+from lib.model.config import SDFSMISConfig
+
+SD15_UNET = {
+    "act_fn": "silu", "attention_head_dim": 8, "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False, "cross_attention_dim": 768,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4, "layers_per_block": 2,
+    "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32, "out_channels": 4, "sample_size": 64,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+}
+SD15_VAE = {
+    "act_fn": "silu", "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4, "in_channels": 3, "latent_channels": 4,
+    "layers_per_block": 2, "norm_num_groups": 32, "out_channels": 3, "sample_size": 512,
+    "up_block_types": ["UpDecoderBlock2D"] * 4, "scaling_factor": 0.18215,
+}
+DINOV2_SMALL = {
+    "hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6, "mlp_ratio": 4, "patch_size": 14,
+    "image_size": 518, "num_channels": 3, "layer_norm_eps": 1e-06, "layerscale_value": 1.0,
+    "hidden_act": "gelu", "qkv_bias": True, "use_swiglu_ffn": False, "drop_path_rate": 0.0,
+}
+
+
+def _unet(widths, heads, cross_dim, groups, sample_size, layers=1) -> dict:
+    n = len(widths)
+    return dict(
+        SD15_UNET,
+        block_out_channels=list(widths), attention_head_dim=heads, cross_attention_dim=cross_dim,
+        norm_num_groups=groups, sample_size=sample_size, layers_per_block=layers,
+        down_block_types=["CrossAttnDownBlock2D"] * (n - 1) + ["DownBlock2D"],
+        up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * (n - 1),
+    )
+
+
+def _vae(widths, groups, layers=1) -> dict:
+    return dict(
+        SD15_VAE, block_out_channels=list(widths), norm_num_groups=groups, layers_per_block=layers,
+        down_block_types=["DownEncoderBlock2D"] * len(widths), up_block_types=["UpDecoderBlock2D"] * len(widths),
+        sample_size=256, scaling_factor=1.0,
+    )
+
+
+PRESETS: dict[str, SDFSMISConfig] = {
+    # The paper: SD v1.5 UNet + VAE, frozen DINOv2-small, 256x256 inputs, paper hyper-parameters.
+    "sd15": SDFSMISConfig(
+        preset="sd15", unet=SD15_UNET, vae=SD15_VAE, dino=DINOV2_SMALL, image_size=256, dino_size=224,
+        n_tokens=4, vtct_hidden=768, train_encoder=False, lr_unet=1e-5, lr_new=5e-5, batch_size=1,
+        iterations=15000,
+    ),
+    # Same layout, small widths: trains and serves on 2 CPU cores; its VAE is trained first.
+    "mini": SDFSMISConfig(
+        preset="mini", unet=_unet([32, 64, 128, 128], 4, 128, 16, 32), vae=_vae([16, 32, 64, 64], 8),
+        dino=dict(DINOV2_SMALL, hidden_size=96, num_hidden_layers=4, num_attention_heads=3, image_size=224),
+        image_size=256, dino_size=224, n_tokens=4, vtct_hidden=256, train_encoder=True,
+        lr_unet=2e-4, lr_new=2e-4, batch_size=4, iterations=6000,
+    ),
+    # Smallest widths, 64x64 inputs: for tests only.
+    "tiny": SDFSMISConfig(
+        preset="tiny", unet=_unet([16, 32], 2, 32, 8, 8), vae=_vae([8, 8, 8, 8], 4),
+        dino=dict(DINOV2_SMALL, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, image_size=56),
+        image_size=64, dino_size=56, n_tokens=2, vtct_hidden=32, train_encoder=True,
+        lr_unet=1e-3, lr_new=1e-3, batch_size=2, iterations=20,
+    ),
+}
+
+
+def preset_config(name: str) -> SDFSMISConfig:
+    """A fresh copy of a preset's configuration; raises with the valid names for an unknown one."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
+    return copy.deepcopy(PRESETS[name])

@@ -1,0 +1,191 @@
+"""SD-FSMIS: the network (frozen VAE, UNet with SII, QE, VTCT) and its single-step pipeline.
+
+Images and masks are (N, 1, S, S) tensors at S = config.image_size; images in [0, 1], masks {0, 1}.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from torch import nn
+from transformers import Dinov2Model
+
+from lib.model.cache import SupportCache
+from lib.model.config import SDFSMISConfig
+from lib.model.conv_in import widen_conv_in
+from lib.model.qe import downsample_mask, enhance_query, masked_average
+from lib.model.sii import SIIContext, add_sii, sii_parameters
+from lib.model.vtct import VTCT
+
+
+class SDFSMIS(nn.Module):
+    """The SD-FSMIS network. Build it with `lib.model.build_model`, not directly."""
+
+    def __init__(self, config: SDFSMISConfig, unet: UNet2DConditionModel, vae: AutoencoderKL, encoder: Dinov2Model):
+        super().__init__()
+        self.config = config
+        self.vae = vae.requires_grad_(False).eval()
+        latent_channels = vae.config.latent_channels
+        if unet.conv_in.in_channels != latent_channels:
+            raise ValueError(f"the UNet's conv_in takes {unet.conv_in.in_channels} channels, the VAE gives {latent_channels}")
+        self.conv_in_support = widen_conv_in(unet.conv_in, 2)   # [z_s^I, z_s^M]
+        self.conv_in_query = widen_conv_in(unet.conv_in, 2)     # [z_q, p_q]
+        unet.conv_in = nn.Identity()                            # each branch applies its own conv first
+        unet.register_to_config(in_channels=2 * latent_channels)
+        self.sii_blocks = len(add_sii(unet))
+        self.unet = unet
+        self.vtct = VTCT(encoder, config.dino_size, config.n_tokens, config.vtct_hidden, unet.config.cross_attention_dim)
+        if not config.train_encoder:
+            self.vtct.encoder.requires_grad_(False).eval()
+        self.register_buffer("timestep", torch.tensor(config.timestep, dtype=torch.long), persistent=False)
+        self.autocast_dtype: torch.dtype | None = None  # set by the fast path on CUDA (fp16 / bf16)
+
+    # ---- parts -------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.timestep.device
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+    def train(self, mode: bool = True) -> "SDFSMIS":
+        super().train(mode)
+        self.vae.eval()
+        if not self.config.train_encoder:
+            self.vtct.encoder.eval()
+        return self
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Trainable parameters by learning-rate group: 'unet' (pretrained) and 'new' (MLP, conv_in, SII)."""
+        sii = {id(p) for p in sii_parameters(self.unet)}
+        new = list(self.conv_in_support.parameters()) + list(self.conv_in_query.parameters())
+        new += sii_parameters(self.unet) + list(self.vtct.mlp.parameters()) + list(self.vtct.norm.parameters())
+        if self.config.train_encoder:
+            new += list(self.vtct.encoder.parameters())
+        unet = [p for p in self.unet.parameters() if id(p) not in sii]
+        return {"unet": unet, "new": new}
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Pseudo-RGB + frozen VAE: (N, 1, S, S) in [0, 1] -> latents (N, 4, s, s), mean * scaling."""
+        rgb = (x.to(self.vae.dtype) * 2 - 1).expand(-1, 3, -1, -1)
+        return self.vae.encode(rgb).latent_dist.mean * self.scaling_factor
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents (N, 4, s, s) -> mask probability (N, 1, S, S): clamp, [0, 1], mean of 3 channels."""
+        rgb = self.vae.decode(z.to(self.vae.dtype) / self.scaling_factor).sample
+        return ((rgb.float().clamp(-1, 1) + 1) / 2).mean(dim=1, keepdim=True)
+
+    def _unet(self, x: torch.Tensor, embedding: torch.Tensor, ctx: SIIContext) -> torch.Tensor:
+        t = self.timestep.expand(x.shape[0])
+        return self.unet(x, t, encoder_hidden_states=embedding, cross_attention_kwargs={"sii": ctx}).sample
+
+    # ---- the two branches --------------------------------------------------------------------
+    def support_branch(self, images: torch.Tensor, masks: torch.Tensor, groups: int = 1) -> SupportCache:
+        """G supports of k shots: images, masks (G*k, 1, S, S) -> SupportCache (with grad if enabled)."""
+        n = images.shape[0]
+        if n % groups:
+            raise ValueError(f"{n} support slices cannot be split into {groups} supports")
+        k = n // groups
+        masks = masks.to(images.dtype)
+        z_img, z_mask = self.encode(images), self.encode(masks)
+        prototype = masked_average(z_img.float(), downsample_mask(masks, z_img.shape[-1]), groups)
+        embedding = self.vtct(images, masks, groups)                       # (G, T, D)
+        ctx = SIIContext("store")
+        x = self.conv_in_support(torch.cat([z_img, z_mask], dim=1))
+        self._unet(x, embedding.repeat_interleave(k, dim=0), ctx)
+        tokens = {i: t.reshape(groups, -1, t.shape[-1]) for i, t in ctx.tokens.items()}
+        return SupportCache(prototype, embedding, tokens, k)
+
+    def query_branch(self, images: torch.Tensor, cache: SupportCache) -> torch.Tensor:
+        """Query images (B, 1, S, S) + cache of 1 or B supports -> predicted mask latents (B, 4, s, s)."""
+        z_q = self.encode(images)
+        x = self.conv_in_query(enhance_query(cache.prototype, z_q, self.config.qe_threshold).to(z_q.dtype))
+        emb = cache.embedding
+        if emb.shape[0] != x.shape[0]:
+            emb = emb.expand(x.shape[0], -1, -1)
+        return self._unet(x, emb, SIIContext("inject", cache.tokens))
+
+    # ---- training ----------------------------------------------------------------------------
+    def loss(self, support_images, support_masks, query_images, query_masks) -> torch.Tensor:
+        """Episodes, 1 shot each, (B, 1, S, S) tensors -> MSE(predicted latent, query-mask latent)."""
+        cache = self.support_branch(support_images, support_masks, groups=support_images.shape[0])
+        pred = self.query_branch(query_images, cache)
+        with torch.no_grad():
+            target = self.encode(query_masks.to(query_images.dtype))
+        return F.mse_loss(pred.float(), target.float())
+
+    # ---- inference ---------------------------------------------------------------------------
+    def _autocast(self):
+        if self.autocast_dtype is None or self.device.type == "cpu":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    @torch.inference_mode()
+    def encode_support(self, images: torch.Tensor, masks: torch.Tensor) -> SupportCache:
+        """k annotated slices (k, 1, S, S) -> the SupportCache of one k-shot support."""
+        with self._autocast():
+            return self.support_branch(images.to(self.device), masks.to(self.device), groups=1)
+
+    @torch.inference_mode()
+    def predict(self, query_images: torch.Tensor, cache: SupportCache) -> torch.Tensor:
+        """Query images (B, 1, S, S) -> mask probabilities (B, 1, S, S) in [0, 1]."""
+        with self._autocast():
+            return self.decode(self.query_branch(query_images.to(self.device), cache)).float()
+
+    @torch.inference_mode()
+    def predict_uncached(self, query_images, support_images, support_masks) -> torch.Tensor:
+        """As `predict`, recomputing the support branch for every query (the reference behaviour)."""
+        b, k = query_images.shape[0], support_images.shape[0]
+        cache = self.support_branch(
+            support_images.repeat(b, 1, 1, 1).to(self.device), support_masks.repeat(b, 1, 1, 1).to(self.device), groups=b
+        )
+        assert cache.shots == k
+        return self.decode(self.query_branch(query_images.to(self.device), cache)).float()
+
+    def segment(self, query_images, support_images, support_masks, batch_size: int = 8,
+                threshold: float | None = None, return_probs: bool = False) -> torch.Tensor:
+        """Any slice size, numpy or torch. query (N, H, W) in [0, 1]; support images/masks (k, H', W').
+
+        One k-shot support serves all N queries (support branch once). Returns bool (N, H, W) on CPU
+        (or the float probabilities with return_probs=True).
+        """
+        q = _as_slices(query_images, "query_images")
+        s_img = _as_slices(support_images, "support_images")
+        s_mask = _as_slices(support_masks, "support_masks")
+        if s_img.shape != s_mask.shape:
+            raise ValueError(f"support images {tuple(s_img.shape)} and masks {tuple(s_mask.shape)} differ in shape")
+        if not (s_mask > 0.5).any():
+            raise ValueError("the support mask is empty: annotate the organ on the support slice")
+        size = self.config.image_size
+        cache = self.encode_support(_resize(s_img, size), (_resize(s_mask, size) > 0.5).float())
+        out = []
+        for start in range(0, q.shape[0], max(1, batch_size)):
+            chunk = q[start:start + batch_size]
+            probs = self.predict(_resize(chunk, size), cache)
+            out.append(_resize(probs.cpu(), q.shape[-2:])[:, 0])
+        probs = torch.cat(out) if out else torch.zeros(q.shape)
+        if return_probs:
+            return probs
+        return probs > (self.config.threshold if threshold is None else threshold)
+
+
+def _as_slices(x, name: str) -> torch.Tensor:
+    """(N, H, W) or (H, W) array/tensor -> float32 (N, 1, H, W) CPU tensor."""
+    t = torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x).float().cpu()
+    if t.ndim == 2:
+        t = t[None]
+    if t.ndim != 3:
+        raise ValueError(f"{name} must be (N, H, W) slices, got shape {tuple(t.shape)}")
+    return t[:, None]
+
+
+def _resize(x: torch.Tensor, size) -> torch.Tensor:
+    """(N, 1, H, W) -> (N, 1, *size), bilinear (antialiased when shrinking)."""
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    if tuple(x.shape[-2:]) == size:
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
