@@ -78,6 +78,21 @@ def is_checkpoint(folder) -> bool:
     return (folder / CONFIG).is_file() and (folder / WEIGHTS).is_file()
 
 
+def recover_checkpoint(folder) -> bool:
+    """After a crash between save_checkpoint's two renames, move the previous version back.
+
+    Returns True when `folder` is a checkpoint afterwards.
+    """
+    folder = Path(folder)
+    if not is_checkpoint(folder) and not folder.exists() and folder.parent.is_dir():
+        olds = sorted(folder.parent.glob(f".{folder.name}.old-*"), key=lambda p: p.stat().st_mtime)
+        for old in reversed(olds):
+            if is_checkpoint(old):
+                os.replace(old, folder)
+                break
+    return is_checkpoint(folder)
+
+
 def read_meta(folder) -> dict:
     """The checkpoint's config.json; raises a clear error for a folder that is not a checkpoint."""
     folder = Path(folder)
@@ -94,6 +109,7 @@ def load_checkpoint(folder, device="cpu", sd_path: str | None = None, dino_path:
     from lib.model.factory import build_model  # local: factory imports this package's modules
 
     folder = Path(folder)
+    recover_checkpoint(folder)
     meta = read_meta(folder)
     config = SDFSMISConfig.from_dict(meta["model"])
     external = meta.get("external", [])

@@ -55,12 +55,13 @@ PRESETS: dict[str, SDFSMISConfig] = {
         n_tokens=4, vtct_hidden=768, train_encoder=False, lr_unet=1e-5, lr_new=5e-5, batch_size=1,
         iterations=15000,
     ),
-    # Same layout, small widths: trains and serves on 2 CPU cores; its VAE is trained first.
+    # Same layout, small widths and 128x128 inputs (16x16 latents): trains and serves on 2 CPU cores.
+    # Its VAE is trained first (`python -m lib.train --stage vae`) and its VTCT encoder is trained too.
     "mini": SDFSMISConfig(
-        preset="mini", unet=_unet([32, 64, 128, 128], 4, 128, 16, 32), vae=_vae([16, 32, 64, 64], 8),
-        dino=dict(DINOV2_SMALL, hidden_size=96, num_hidden_layers=4, num_attention_heads=3, image_size=224),
-        image_size=256, dino_size=224, n_tokens=4, vtct_hidden=256, train_encoder=True,
-        lr_unet=2e-4, lr_new=2e-4, batch_size=4, iterations=6000,
+        preset="mini", unet=_unet([32, 64, 128, 128], 4, 128, 16, 16), vae=_vae([8, 16, 32, 32], 8),
+        dino=dict(DINOV2_SMALL, hidden_size=96, num_hidden_layers=4, num_attention_heads=3, image_size=112),
+        image_size=128, dino_size=112, n_tokens=4, vtct_hidden=256, train_encoder=True,
+        lr_unet=3e-4, lr_new=3e-4, batch_size=4, iterations=2500,
     ),
     # Smallest widths, 64x64 inputs: for tests only.
     "tiny": SDFSMISConfig(

@@ -1,0 +1,87 @@
+"""MONAI Label app: SD-FSMIS few-shot organ segmentation from one annotated slice.
+
+Start from the repository root:  monailabel start_server --app apps/sdfsmis --studies <folder> [--conf key value]
+Settings (--conf) and usage: docs/app.md.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]   # the repository root, which holds lib/
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+# MONAI Label finds the dcmqi converters (pip package, DICOM SEG) on PATH: the interpreter's bin folder
+os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+
+from monailabel.interfaces.app import MONAILabelApp  # noqa: E402
+from monailabel.interfaces.tasks.infer_v2 import InferType  # noqa: E402
+
+from lib.configs.app_config import ConfError, parse_conf  # noqa: E402
+from lib.infers.batch import SDFSMISBatchInfer  # noqa: E402
+from lib.infers.model_store import ModelStore  # noqa: E402
+from lib.infers.sdfsmis import SDFSMISInfer  # noqa: E402
+from lib.infers.support import REQUEST_KEY, check_image, resolve_support  # noqa: E402
+from lib.trainers import graceful_stop  # noqa: E402
+from lib.trainers.sdfsmis import SDFSMISTrain  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+INFER_NAMES = ("sdfsmis", "sdfsmis_scribbles", "sdfsmis_seg")
+
+
+class SDFSMISApp(MONAILabelApp):
+    def __init__(self, app_dir, studies, conf):
+        try:
+            self.cfg = parse_conf(conf)
+            self.store = ModelStore(self.cfg, app_dir)
+        except ConfError as err:
+            logger.error(f"SD-FSMIS app cannot start: {err}")
+            raise
+        logger.info(f"SD-FSMIS model choice: {self.store.source.describe()} (device {self.store.device})")
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf,
+            name="SD-FSMIS",
+            description="Few-shot organ segmentation from one annotated slice (Stable Diffusion, SD-FSMIS)",
+            version="1.0",
+        )
+
+    def init_infers(self):
+        return {
+            "sdfsmis": SDFSMISInfer(self.store, self.cfg, InferType.ANNOTATION),
+            "sdfsmis_scribbles": SDFSMISInfer(
+                self.store, self.cfg, InferType.SCRIBBLES,
+                "SD-FSMIS from the Scribbles panel: each scribble label value is an organ",
+            ),
+            "sdfsmis_seg": SDFSMISInfer(
+                self.store, self.cfg, InferType.SEGMENTATION,
+                f"SD-FSMIS from the saved '{self.cfg.label_tag}' label of this image (or a support_image)",
+            ),
+        }
+
+    def init_trainers(self):
+        return {"sdfsmis": SDFSMISTrain(self.store, self.cfg, self.app_dir)}
+
+    def init_batch_infer(self):
+        return SDFSMISBatchInfer()
+
+    def on_init_complete(self):
+        super().on_init_complete()
+        self.store.get()   # load now (server only; train / batch subprocesses load on first use)
+        trainer = self._trainers.get("sdfsmis")
+        if trainer is not None:
+            graceful_stop.install(trainer.request_stop)
+        logger.info(f"SD-FSMIS ready: infer tasks {', '.join(INFER_NAMES)}; {self.store.source.describe()}")
+
+    def infer(self, request, datastore=None):
+        """Resolve the support while the image id is still known, then run MONAI Label's infer."""
+        if request.get("model") in INFER_NAMES:
+            datastore = datastore or self.datastore()
+            check_image(request, datastore)
+            request = dict(request)
+            request[REQUEST_KEY] = resolve_support(request, datastore, self.cfg.label_tag).to_request()
+        return super().infer(request, datastore)

@@ -1,0 +1,185 @@
+"""Self-supervised 1-way 1-shot episodes from supervoxels (ADNet/RPT rule).
+
+Each draw: a random volume -> a random supervoxel -> two adjacent slices z, z+1 where that
+supervoxel covers at least `min_area` pixels in both -> swapped with p=0.5 -> the first slice is
+the support, the second the query, and both masks are that supervoxel.
+
+Setting 2 (no exposure to the test organs) removes training slices using ground-truth labels:
+- `strict`: drop every slice that contains ANY test organ (the stated intent of Setting 2);
+- `rpt`:    drop only slices that contain ALL test organs at once, which is what RPT's (and ADNet's)
+            code does (`exclude_idx = exclude_idx & (np.sum(gt == c, axis=(1, 2)) > 0)` over classes).
+A candidate pair that uses an excluded slice is never drawn.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Callable, Sequence, Union
+
+import numpy as np
+
+MIN_AREA = 200  # pixels of the supervoxel in each of the two slices (ADNet/RPT `min_size`)
+SETTING2_RULES = ("strict", "rpt")
+
+VolumeItem = Union[tuple, Callable[[], tuple]]  # (image (H, W, Z) in [0, 1], supervoxels (H, W, Z)) or loader
+
+
+def excluded_slices(label, exclude_labels: Sequence[int], rule: str = "strict") -> np.ndarray:
+    """label (H, W, Z) int -> bool (Z,): the slices Setting 2 removes.
+
+    rule "strict": slices containing any of `exclude_labels`; "rpt": slices containing all of them.
+    """
+    if rule not in SETTING2_RULES:
+        raise ValueError(f"unknown Setting 2 rule {rule!r}; valid: {', '.join(SETTING2_RULES)}")
+    label = np.asarray(label)
+    if label.ndim != 3:
+        raise ValueError(f"expected a 3D label volume (H, W, Z), got shape {label.shape}")
+    ids = [int(c) for c in exclude_labels]
+    if not ids:
+        return np.zeros(label.shape[2], dtype=bool)
+    present = np.stack([(label == c).any(axis=(0, 1)) for c in ids])  # (n_ids, Z)
+    return present.any(axis=0) if rule == "strict" else present.all(axis=0)
+
+
+def slice_areas(supervoxels) -> np.ndarray:
+    """supervoxels (H, W, Z) labels 0..K -> int64 (K + 1, Z): pixels of each label in each slice."""
+    sv = np.asarray(supervoxels)
+    if sv.ndim != 3:
+        raise ValueError(f"expected 3D supervoxels (H, W, Z), got shape {sv.shape}")
+    if sv.size and sv.min() < 0:
+        raise ValueError("supervoxel labels must be >= 0")
+    n_z = sv.shape[2]
+    n_lab = int(sv.max()) + 1 if sv.size else 1
+    key = sv.astype(np.int64) * n_z + np.arange(n_z, dtype=np.int64)  # broadcast over the last axis
+    return np.bincount(key.ravel(), minlength=n_lab * n_z).reshape(n_lab, n_z)
+
+
+def valid_pairs(supervoxels, min_area: int = MIN_AREA, excluded=None) -> np.ndarray:
+    """int64 (N, 2) rows (supervoxel id, z): the id covers >= `min_area` px in slices z and z+1,
+    and neither slice is `excluded` (bool (Z,)). Sorted by id, then z."""
+    areas = slice_areas(supervoxels)[1:]  # (K, Z), background dropped
+    ok = areas >= min_area
+    if excluded is not None:
+        excluded = np.asarray(excluded, dtype=bool)
+        if excluded.shape != (ok.shape[1],):
+            raise ValueError(f"excluded must be bool ({ok.shape[1]},), got shape {excluded.shape}")
+        ok &= ~excluded[None, :]
+    pair_ok = ok[:, :-1] & ok[:, 1:]
+    rows = np.argwhere(pair_ok).astype(np.int64)
+    rows[:, 0] += 1  # back to supervoxel ids
+    return rows
+
+
+class EpisodeSampler:
+    """Draws episodes from supervoxel pseudo-labels; deterministic for a seed.
+
+    volumes: sequence of (image (H, W, Z) float in [0, 1], supervoxels (H, W, Z) int) tuples, or of
+        zero-argument callables returning such a tuple (loaded at construction to find the
+        candidates, then again when drawn; at most `max_loaded` loaded volumes are kept, None = all).
+    labels / exclude_labels / setting2_rule: Setting 2 (see module doc); `labels` is a sequence of
+        ground-truth volumes (H, W, Z) or callables, aligned with `volumes`.
+
+    `sample()` returns a dict: support_image, support_mask, query_image, query_mask (each float32
+    (H, W); masks in {0, 1}), volume_index, supervoxel, slices (support z, query z).
+    """
+
+    def __init__(
+        self,
+        volumes: Sequence[VolumeItem],
+        seed: int = 42,
+        min_area: int = MIN_AREA,
+        labels: Sequence | None = None,
+        exclude_labels: Sequence[int] | None = None,
+        setting2_rule: str = "strict",
+        max_loaded: int | None = None,
+    ):
+        self._items = list(volumes)
+        if not self._items:
+            raise ValueError("EpisodeSampler needs at least one volume")
+        if setting2_rule not in SETTING2_RULES:
+            raise ValueError(f"unknown Setting 2 rule {setting2_rule!r}; valid: {', '.join(SETTING2_RULES)}")
+        if exclude_labels is not None and labels is None:
+            raise ValueError("Setting 2 (exclude_labels) needs the ground-truth label volumes (labels=...)")
+        if labels is not None and len(labels) != len(self._items):
+            raise ValueError(f"{len(labels)} label volumes for {len(self._items)} volumes")
+        self.min_area = int(min_area)
+        self.setting2_rule = setting2_rule
+        self.exclude_labels = None if exclude_labels is None else [int(c) for c in exclude_labels]
+        self._max_loaded = max_loaded
+        self._loaded: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self.rng = np.random.default_rng(seed)
+
+        self.excluded: list[np.ndarray] = []  # bool (Z,) per volume
+        self._cands: list[np.ndarray] = []  # (N_v, 2) (supervoxel id, z) per volume
+        self._sv_ids: list[np.ndarray] = []  # supervoxel ids with >= 1 pair
+        self._sv_start: list[np.ndarray] = []
+        self._sv_count: list[np.ndarray] = []
+        for v in range(len(self._items)):
+            image, sv = self._volume(v)
+            excl = np.zeros(sv.shape[2], dtype=bool)
+            if self.exclude_labels is not None:
+                lab = labels[v]() if callable(labels[v]) else labels[v]
+                lab = np.asarray(lab)
+                if lab.shape != sv.shape:
+                    raise ValueError(f"volume {v}: label shape {lab.shape} differs from supervoxels {sv.shape}")
+                excl = excluded_slices(lab, self.exclude_labels, setting2_rule)
+            cands = valid_pairs(sv, self.min_area, excl)
+            ids, start, count = np.unique(cands[:, 0], return_index=True, return_counts=True)
+            self.excluded.append(excl)
+            self._cands.append(cands)
+            self._sv_ids.append(ids)
+            self._sv_start.append(start)
+            self._sv_count.append(count)
+        self._usable = np.array([v for v in range(len(self._items)) if len(self._cands[v])], dtype=np.int64)
+        if not len(self._usable):
+            raise ValueError(
+                f"no supervoxel covers >= {self.min_area} px in two adjacent (non-excluded) slices of any volume"
+            )
+
+    def __len__(self) -> int:
+        """Number of candidate (volume, supervoxel, z) pairs."""
+        return int(sum(len(c) for c in self._cands))
+
+    def candidates(self, v: int) -> np.ndarray:
+        """(N, 2) (supervoxel id, z) pairs of volume `v` that can be drawn."""
+        return self._cands[v].copy()
+
+    def _volume(self, v: int) -> tuple[np.ndarray, np.ndarray]:
+        if v in self._loaded:
+            self._loaded.move_to_end(v)
+            return self._loaded[v]
+        item = self._items[v]
+        item = item() if callable(item) else item
+        if not isinstance(item, (tuple, list)) or len(item) < 2:
+            raise ValueError(f"volume {v}: expected (image, supervoxels), got {type(item).__name__}")
+        image, sv = np.asarray(item[0]), np.asarray(item[1])
+        if image.ndim != 3 or image.shape != sv.shape:
+            raise ValueError(f"volume {v}: image {image.shape} and supervoxels {sv.shape} must be equal 3D shapes")
+        self._loaded[v] = (image, sv)
+        if self._max_loaded is not None:
+            while len(self._loaded) > max(1, self._max_loaded):
+                self._loaded.popitem(last=False)
+        return image, sv
+
+    def sample(self) -> dict:
+        """One episode (see class doc)."""
+        v = int(self.rng.choice(self._usable))
+        j = int(self.rng.integers(len(self._sv_ids[v])))
+        k = int(self._sv_ids[v][j])
+        z = int(self._cands[v][self._sv_start[v][j] + self.rng.integers(self._sv_count[v][j]), 1])
+        zs, zq = (z + 1, z) if self.rng.random() < 0.5 else (z, z + 1)
+        image, sv = self._volume(v)
+        return {
+            "support_image": np.asarray(image[:, :, zs], dtype=np.float32),
+            "support_mask": (sv[:, :, zs] == k).astype(np.float32),
+            "query_image": np.asarray(image[:, :, zq], dtype=np.float32),
+            "query_mask": (sv[:, :, zq] == k).astype(np.float32),
+            "volume_index": v,
+            "supervoxel": k,
+            "slices": (zs, zq),
+        }
+
+    __call__ = sample
+
+    def __iter__(self):
+        while True:
+            yield self.sample()

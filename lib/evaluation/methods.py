@@ -1,0 +1,143 @@
+"""Segmentation methods the harness can score: SD-FSMIS in-process and two baselines.
+
+Every method answers `run_group(dataset, job, group) -> bool (N, H, W)` for the group's query
+slices. Array methods implement `segment(query (N, H, W) in [0, 1], support_image (1, H, W),
+support_mask (1, H, W)) -> bool (N, H, W)`; the server method (server.py) talks to a MONAI Label app.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+METHODS = ("sdfsmis", "copy", "registration")
+
+
+class ArrayMethod:
+    """Cuts the group's slices out of the (normalised) volumes and calls `segment`."""
+
+    name = "array"
+
+    def run_group(self, dataset, job, group) -> np.ndarray:
+        q_img, _, _ = dataset.load(job.query)
+        s_img, s_lbl, _ = dataset.load(group.support)
+        z = list(group.query_z)
+        query = np.moveaxis(q_img[..., z], -1, 0)                          # (N, H, W)
+        support_image = s_img[..., group.support_z][None]                  # (1, H, W)
+        support_mask = (s_lbl[..., group.support_z] == job.label)[None]    # (1, H, W)
+        return np.asarray(self.segment(query, support_image, support_mask), dtype=bool)
+
+    def segment(self, query, support_image, support_mask) -> np.ndarray:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return {"method": self.name}
+
+
+class CopyMethod(ArrayMethod):
+    """Baseline: the support mask pasted unchanged onto every query slice."""
+
+    name = "copy"
+
+    def segment(self, query, support_image, support_mask) -> np.ndarray:
+        if query.shape[1:] != support_mask.shape[1:]:
+            raise ValueError(f"copy needs equal slice sizes: query {query.shape[1:]}, support {support_mask.shape[1:]}")
+        return np.broadcast_to(support_mask[:1].astype(bool), query.shape).copy()
+
+
+class RegistrationMethod(ArrayMethod):
+    """Baseline: 2D registration of the support slice to each query slice (SimpleITK), then the
+    support mask warped with nearest neighbour.
+
+    Both slices are block-averaged by `shrink` (256 -> 64 px); affine with mean squares
+    (regular-step gradient descent, `affine_iterations`), the metric restricted to the support
+    organ dilated by `mask_margin` px; then `demons_iterations` of fast symmetric-forces demons
+    (Gaussian sigma `demons_sigma`, in shrunk pixels). Deterministic; `threads` ITK threads.
+    """
+
+    name = "registration"
+
+    def __init__(self, shrink: int = 4, affine_iterations: int = 30, mask_margin: int = 40,
+                 demons_iterations: int = 20, demons_sigma: float = 1.5, threads: int = 1):
+        import SimpleITK as sitk
+
+        self.sitk = sitk
+        sitk.ProcessObject_SetGlobalDefaultNumberOfThreads(int(threads))
+        self.params = {"shrink": shrink, "affine_iterations": affine_iterations, "mask_margin": mask_margin,
+                       "demons_iterations": demons_iterations, "demons_sigma": demons_sigma,
+                       "threads": threads, "metric": "MeanSquares", "transform": "affine + demons"}
+        self.failures = 0
+
+    def describe(self) -> dict:
+        return {"method": self.name, **self.params, "failures_fell_back_to_copy": self.failures}
+
+    def _small(self, arr: np.ndarray):
+        """(H, W) -> SimpleITK image block-averaged by k, placed in full-resolution pixel coordinates."""
+        k = self.params["shrink"]
+        h, w = arr.shape[0] // k, arr.shape[1] // k
+        small = arr[: h * k, : w * k].reshape(h, k, w, k).mean(axis=(1, 3)).astype(np.float32)
+        img = self.sitk.GetImageFromArray(small)
+        img.SetSpacing((float(k), float(k)))
+        img.SetOrigin(((k - 1) / 2.0, (k - 1) / 2.0))
+        return img
+
+    def register(self, fixed: np.ndarray, moving: np.ndarray, moving_mask: np.ndarray):
+        """Transform mapping fixed (query) points to moving (support) points."""
+        sitk, p = self.sitk, self.params
+        f, m = self._small(fixed), self._small(moving)
+        reg = sitk.ImageRegistrationMethod()
+        reg.SetMetricAsMeanSquares()
+        if p["mask_margin"]:
+            radius = max(1, int(round(p["mask_margin"] / p["shrink"])))
+            organ = sitk.Cast(self._small(moving_mask.astype(np.float32)) > 0, sitk.sitkUInt8)
+            reg.SetMetricMovingMask(sitk.BinaryDilate(organ, [radius, radius]))
+        reg.SetInterpolator(sitk.sitkLinear)
+        reg.SetOptimizerAsRegularStepGradientDescent(1.0, 1e-3, p["affine_iterations"], relaxationFactor=0.6)
+        reg.SetOptimizerScalesFromPhysicalShift()
+        reg.SetInitialTransform(sitk.AffineTransform(2), inPlace=False)   # slices share the pixel grid
+        tx = reg.Execute(f, m)
+        if p["demons_iterations"]:
+            warped = sitk.Resample(m, f, tx, sitk.sitkLinear, 0.0)
+            demons = sitk.FastSymmetricForcesDemonsRegistrationFilter()
+            demons.SetNumberOfIterations(p["demons_iterations"])
+            demons.SetStandardDeviations(p["demons_sigma"])
+            field = demons.Execute(f, warped)
+            tx = sitk.CompositeTransform([tx, sitk.DisplacementFieldTransform(field)])
+        return tx
+
+    def segment(self, query, support_image, support_mask) -> np.ndarray:
+        sitk = self.sitk
+        moving = np.asarray(support_image[0], dtype=np.float32)
+        mask = np.asarray(support_mask[0]).astype(bool)
+        mask_img = sitk.GetImageFromArray(mask.astype(np.uint8))
+        out = np.zeros(query.shape, dtype=bool)
+        for i, fixed in enumerate(np.asarray(query, dtype=np.float32)):
+            try:
+                tx = self.register(fixed, moving, mask)
+            except RuntimeError:        # e.g. too few samples inside the moving mask
+                self.failures += 1
+                out[i] = mask
+                continue
+            ref = sitk.GetImageFromArray(fixed)
+            warped = sitk.Resample(mask_img, ref, tx, sitk.sitkNearestNeighbor, 0)
+            out[i] = sitk.GetArrayFromImage(warped).astype(bool)
+        return out
+
+
+class SDFSMISMethod(ArrayMethod):
+    """The SD-FSMIS model in-process: one segment() call per group (support branch once)."""
+
+    name = "sdfsmis"
+
+    def __init__(self, model, batch_size: int = 8, info: dict | None = None):
+        self.model = model
+        self.batch_size = batch_size
+        self.info = info or {}
+
+    def describe(self) -> dict:
+        return {"method": self.name, "batch_size": self.batch_size, **self.info}
+
+    def segment(self, query, support_image, support_mask) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            masks = self.model.segment(query, support_image, support_mask, batch_size=self.batch_size)
+        return masks.cpu().numpy().astype(bool)

@@ -1,0 +1,230 @@
+"""The app's logic without a server: propagation rules, input validation, --conf parsing, model choice."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from lib.configs.app_config import ConfError, parse_conf
+from lib.infers.model_store import ModelStore, choose_source
+from lib.infers.propagate import (
+    AnnotationError, annotated_slices, check_annotation, check_volume, nearest_slices, propagate,
+)
+from lib.model import build_model, save_checkpoint
+
+
+class StubModel:
+    """Stands in for SD-FSMIS: the 'prediction' is the support mask (or a constant), so results are exact."""
+
+    def __init__(self, size=16, constant=None):
+        self.config = SimpleNamespace(image_size=size, threshold=0.5)
+        self.constant = constant or []   # per encode_support call: a constant probability instead of the mask
+        self.encoded, self.batches = [], []
+
+    def encode_support(self, images, masks):
+        assert images.shape == masks.shape == (1, 1, self.config.image_size, self.config.image_size)
+        i = len(self.encoded)
+        self.encoded.append(masks.clone())
+        return torch.full_like(masks, self.constant[i]) if i < len(self.constant) else masks.clone()
+
+    def predict(self, queries, cache):
+        self.batches.append(queries.shape[0])
+        return cache.expand(queries.shape[0], -1, -1, -1).clone()
+
+
+def _squares(shape=(16, 16, 8)):
+    """Organ 1 annotated on z=1 (top-left square) and z=6 (bottom-right square)."""
+    ann = np.zeros(shape, np.uint8)
+    ann[2:6, 2:6, 1] = 1
+    ann[10:14, 10:14, 6] = 1
+    return ann
+
+
+# ---- slice bookkeeping -------------------------------------------------------------------------
+def test_nearest_slices_same_volume_and_across_volumes():
+    assert nearest_slices([0, 2, 3, 4, 5, 7], [1, 6], 8).tolist() == [1, 1, 1, 6, 6, 6]
+    assert nearest_slices([0, 5, 9], [2], 10).tolist() == [2, 2, 2]
+    # another volume: relative positions (query 0..9 against support slices 0 and 19 of 20)
+    assert nearest_slices([0, 4, 5, 9], [0, 19], 10, 20).tolist() == [0, 0, 19, 19]
+    with pytest.raises(AnnotationError):
+        nearest_slices([0], [], 4)
+
+
+def test_each_query_slice_uses_the_nearest_annotated_slice():
+    ann = _squares()
+    model = StubModel()
+    res = propagate(model, np.random.default_rng(0).random(ann.shape), ann, batch_size=2)
+    top_left, bottom_right = ann[..., 1], ann[..., 6]
+    for z in (0, 2, 3):
+        assert np.array_equal(res.label[..., z], top_left), z
+    for z in (4, 5, 7):
+        assert np.array_equal(res.label[..., z], bottom_right), z
+    assert res.support == {1: [1, 6]} and res.copied == [1, 6]
+    assert len(model.encoded) == 2                    # one encoding per organ and support slice
+    assert max(model.batches) <= 2 and sum(model.batches) == 6
+
+
+def test_annotated_slices_are_copied_unchanged():
+    ann = _squares()
+    ann[0:2, 0:2, 1] = 3                              # a second organ on slice 1 only
+    res = propagate(StubModel(constant=[0.99, 0.99]), np.ones(ann.shape), ann)   # predicts everything as organ
+    assert np.array_equal(res.label[..., 1], ann[..., 1])
+    assert np.array_equal(res.label[..., 6], ann[..., 6])
+    assert res.label.dtype == np.uint8
+    assert set(np.unique(res.label[..., 0]).tolist()) <= {1, 3}
+
+
+def test_multi_organ_merge_rules():
+    ann = np.zeros((16, 16, 4), np.uint8)
+    ann[2:6, 2:6, 0] = 2
+    ann[8:12, 8:12, 0] = 5
+    image = np.random.default_rng(1).random(ann.shape)
+    # organ 2 predicts 0.9 everywhere, organ 5 predicts 0.7 everywhere: both cover every voxel
+    by_prob = propagate(StubModel(constant=[0.9, 0.7]), image, ann, merge="probability")
+    by_order = propagate(StubModel(constant=[0.9, 0.7]), image, ann, merge="order")
+    assert by_prob.organs == [2, 5]
+    assert (by_prob.label[..., 1:] == 2).all()        # higher probability wins
+    assert (by_order.label[..., 1:] == 5).all()       # later organ value wins
+    tie = propagate(StubModel(constant=[0.8, 0.8]), image, ann, merge="probability")
+    assert (tie.label[..., 1:] == 5).all()            # equal probability: the later organ
+    none = propagate(StubModel(constant=[0.2, 0.3]), image, ann)
+    assert (none.label[..., 1:] == 0).all()           # below threshold: background
+    for res in (by_prob, by_order, tie, none):
+        assert np.array_equal(res.label[..., 0], ann[..., 0])
+
+
+def test_cross_volume_support_predicts_every_slice():
+    ann = _squares((16, 16, 16))                      # support volume: 16 slices, annotated 1 and 6
+    res = propagate(StubModel(), np.random.default_rng(2).random((16, 16, 8)), ann,
+                    support_image=np.random.default_rng(3).random((16, 16, 16)))
+    assert res.copied == [] and res.label.shape == (16, 16, 8)
+    # relative position: query z=0..3 nearer support z=1 (or 6 at about 0.4), z=7 nearer 6
+    assert np.array_equal(res.label[..., 0], ann[..., 1])
+    assert np.array_equal(res.label[..., 7], ann[..., 6])
+
+
+def test_tiny_model_end_to_end_resizes_and_batches():
+    torch.manual_seed(0)
+    model = build_model("tiny").eval()
+    ann = np.zeros((40, 48, 5), np.uint8)
+    ann[10:25, 10:30, 2] = 1
+    ann[28:36, 30:44, 2] = 4
+    image = np.random.default_rng(0).normal(100, 20, ann.shape).astype(np.float32)
+    res = propagate(model, image, ann, batch_size=3)
+    assert res.label.shape == ann.shape and res.label.dtype == np.uint8
+    assert np.array_equal(res.label[..., 2], ann[..., 2])
+    assert set(np.unique(res.label).tolist()) <= {0, 1, 4}
+    assert res.forward_passes == 2 * 2                # 2 organs x ceil(4 query slices / 3)
+
+
+# ---- validation --------------------------------------------------------------------------------
+@pytest.mark.parametrize("label, words", [
+    (np.zeros((8, 8, 4)), "empty"),
+    (np.ones((8, 8, 3)), "differs from the image shape"),
+    (np.full((8, 8, 4), 0.5), "non-integer"),
+    (np.full((8, 8, 4), -1), "negative"),
+    (np.full((8, 8, 4), 300), "above 255"),
+    (np.full((8, 8, 4), np.nan), "non-integer"),
+])
+def test_bad_annotations_are_rejected(label, words):
+    with pytest.raises(AnnotationError, match=words):
+        check_annotation(label, (8, 8, 4))
+
+
+def test_good_annotation_and_2d_images():
+    assert check_annotation(np.full((8, 8, 4), 2.0), (8, 8, 4)).dtype == np.uint8
+    assert annotated_slices(np.pad(np.ones((2, 2, 1)), ((0, 0), (0, 0), (2, 1)))).tolist() == [2]
+    for shape in [(8, 8), (8, 8, 1), (8, 8, 1, 1)]:
+        with pytest.raises(AnnotationError, match="3D volume"):
+            check_volume(np.zeros(shape))
+
+
+def test_scribbles_background_is_not_an_organ():
+    from lib.infers.sdfsmis import ignored_values
+
+    info = [{"name": "background_scribbles", "id": 2}, {"name": "foreground_scribbles", "id": 3}]
+    assert ignored_values({"label_info": info}) == [2]
+    assert ignored_values({"ignore_labels": "5,6"}) == [5, 6]
+
+
+# ---- --conf ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("conf, words", [
+    ({"preset": "huge"}, "mini | sd15 | tiny"),
+    ({"device": "tpu"}, "auto | cpu | cuda"),
+    ({"threshold": "1.5"}, "between 0 and 1"),
+    ({"threshold": "abc"}, "between 0 and 1"),
+    ({"batch_size": "0"}, "integer >= 1"),
+    ({"merge": "max"}, "probability | order"),
+    ({"use_trained": "maybe"}, "true | false"),
+    ({"label_tag": ""}, "label_tag"),
+    ({"labels": "liver"}, "name=value"),
+    ({"checkpoint": "/no/such/folder"}, "folder not found"),
+    ({"colour": "red"}, "valid keys are"),
+])
+def test_bad_conf_values_name_the_valid_choices(conf, words):
+    with pytest.raises(ConfError, match=words):
+        parse_conf(conf)
+
+
+def test_conf_defaults_and_values(tmp_path):
+    cfg = parse_conf({})
+    assert (cfg.preset, cfg.device, cfg.batch_size, cfg.label_tag, cfg.threshold) == (None, "auto", 8, "final", None)
+    assert cfg.train_folder(tmp_path) == tmp_path / "model" / "trained"
+    cfg = parse_conf({"preset": "TINY", "threshold": "0.3", "batch_size": "2", "label_tag": "mine",
+                      "labels": "spleen=1,liver=6", "device": "cpu"})
+    assert (cfg.preset, cfg.threshold, cfg.batch_size, cfg.label_tag) == ("tiny", 0.3, 2, "mine")
+    assert cfg.labels == (("spleen", 1), ("liver", 6))
+
+
+# ---- model choice and reload ------------------------------------------------------------------
+def test_model_choice_rules(tmp_path, monkeypatch):
+    monkeypatch.delenv("SDFSMIS_SD_PATH", raising=False)
+    app = tmp_path / "app"
+    (app / "model").mkdir(parents=True)
+    src = choose_source(parse_conf({"train_dir": str(tmp_path / "t")}), app)
+    assert (src.kind, src.preset, src.trained) == ("preset", "mini", False)      # nothing embedded: random mini
+    save_checkpoint(build_model("tiny"), app / "model")                          # an embedded checkpoint
+    src = choose_source(parse_conf({"train_dir": str(tmp_path / "t")}), app)
+    assert (src.kind, src.preset, src.trained) == ("embedded", "tiny", True)
+    assert choose_source(parse_conf({"preset": "mini", "train_dir": str(tmp_path / "t")}), app).kind == "preset"
+    ckpt = save_checkpoint(build_model("tiny"), tmp_path / "ckpt")
+    src = choose_source(parse_conf({"checkpoint": str(ckpt)}), app)
+    assert (src.kind, src.folder) == ("checkpoint", str(ckpt))
+    with pytest.raises(ConfError, match="contradicts"):
+        choose_source(parse_conf({"checkpoint": str(ckpt), "preset": "mini"}), app)
+    with pytest.raises(ConfError, match="not an SD-FSMIS checkpoint"):
+        choose_source(parse_conf({"checkpoint": str(tmp_path)}), app)
+
+
+def test_store_reloads_a_published_checkpoint(tmp_path):
+    train_dir = tmp_path / "train"
+    cfg = parse_conf({"preset": "tiny", "train_dir": str(train_dir)})
+    store = ModelStore(cfg, tmp_path / "app")
+    first = store.get()
+    assert store.get() is first and store.info()["kind"] == "preset"
+    save_checkpoint(build_model("tiny"), train_dir / "model", extra={"iteration": 7})
+    second = store.get()
+    assert second is not first
+    assert store.info()["kind"] == "trained" and store.info()["checkpoint_extra"]["iteration"] == 7
+    assert store.get() is second                                                   # no change, no reload
+    # a later start serves the published checkpoint unless use_trained is false
+    assert choose_source(cfg, tmp_path / "app").kind == "trained"
+    assert choose_source(parse_conf({"preset": "tiny", "train_dir": str(train_dir), "use_trained": "false"}),
+                         tmp_path / "app").kind == "preset"
+
+
+# ---- the sample study ----------------------------------------------------------------------------
+def test_sample_study_layout(tmp_path):
+    from lib.sample import main
+
+    assert main(["--studies", str(tmp_path / "s"), "--volumes", "2"]) == 0
+    images = sorted(p.name for p in (tmp_path / "s").glob("*.nii.gz"))
+    assert images == ["phantom_1.nii.gz", "phantom_2.nii.gz"]
+    label = np.asarray(nib.load(str(tmp_path / "s" / "labels" / "final" / "phantom_1.nii.gz")).dataobj)
+    image = nib.load(str(tmp_path / "s" / "phantom_1.nii.gz"))
+    assert label.shape == image.shape == (128, 128, 24)
+    assert len(annotated_slices(label)) == 1 and set(np.unique(label).tolist()) == {0, 1, 2, 3, 4}
+    assert image.header.get_zooms() == (1.5, 1.5, 5.0)

@@ -1,0 +1,85 @@
+"""Episode sampling (ADNet/RPT rule), Setting 2 exclusion and the seeded augmentation."""
+import numpy as np
+import pytest
+
+from lib.data.episodes import EpisodeSampler, excluded_slices
+from lib.transforms.augment import EpisodeAugment, resize_episode
+from tests.synthetic_volumes import phantom
+
+
+def _sv_volume():
+    """Image in [0, 1] and hand-made supervoxels: 4 quadrant columns, each spanning all slices."""
+    image, body, organs = phantom((64, 64, 10))
+    sv = np.zeros(image.shape, np.uint16)
+    sv[:32, :32], sv[:32, 32:], sv[32:, :32], sv[32:, 32:] = 1, 2, 3, 4
+    sv[:, :, 0][:32, :32] = 0          # supervoxel 1 absent from slice 0
+    sv[20:32, 20:32, 5] = 0            # ... and too small in slice 5 (1024 - 144 = 880 px: still >= 200)
+    sv[:32, :32, 7] = 0
+    sv[0:10, 0:10, 7] = 1              # 100 px in slice 7: below the 200 px minimum
+    return (image / image.max()).astype(np.float32), sv, organs
+
+
+def test_episodes_are_adjacent_slices_of_one_supervoxel_with_enough_area():
+    image, sv, _ = _sv_volume()
+    sampler = EpisodeSampler([(image, sv)], seed=1)
+    for _ in range(200):
+        ep = sampler.sample()
+        zs, zq = ep["slices"]
+        k = ep["supervoxel"]
+        assert abs(zs - zq) == 1
+        assert np.array_equal(ep["support_mask"], (sv[:, :, zs] == k).astype(np.float32))
+        assert np.array_equal(ep["query_mask"], (sv[:, :, zq] == k).astype(np.float32))
+        assert ep["support_mask"].sum() >= 200 and ep["query_mask"].sum() >= 200
+        assert np.array_equal(ep["support_image"], image[:, :, zs])
+        if k == 1:
+            assert {zs, zq}.isdisjoint({0, 7})
+
+
+def test_sampler_is_deterministic_for_a_seed():
+    image, sv, _ = _sv_volume()
+    draw = lambda seed: [EpisodeSampler([(image, sv)], seed=seed).sample()["slices"] for _ in range(1)] + [
+        (e["supervoxel"], e["slices"]) for e in [s.sample() for s in [EpisodeSampler([(image, sv)], seed=seed)]
+                                                 for _ in range(20)]]
+    assert draw(3) == draw(3)
+    assert draw(3) != draw(4)
+
+
+@pytest.mark.parametrize("rule", ["strict", "rpt"])
+def test_setting2_never_yields_an_excluded_slice(rule):
+    image, sv, organs = _sv_volume()  # organ 1: slices 3-9, organ 2: slices 6-9 (of 10)
+    excluded = excluded_slices(organs, [1, 2], rule)
+    expected = np.zeros(10, bool)
+    expected[3:10] = True if rule == "strict" else False
+    if rule == "rpt":
+        expected[6:10] = True
+    assert np.array_equal(excluded, expected)
+    sampler = EpisodeSampler([(image, sv)], seed=0, labels=[organs], exclude_labels=[1, 2], setting2_rule=rule)
+    for _ in range(200):
+        assert not excluded[list(sampler.sample()["slices"])].any()
+
+
+def test_setting2_needs_labels_and_a_known_rule():
+    image, sv, organs = _sv_volume()
+    with pytest.raises(ValueError, match="labels"):
+        EpisodeSampler([(image, sv)], exclude_labels=[1])
+    with pytest.raises(ValueError, match="strict"):
+        EpisodeSampler([(image, sv)], labels=[organs], exclude_labels=[1], setting2_rule="any")
+
+
+def test_augmentation_is_seeded_and_keeps_binary_masks():
+    image, sv, _ = _sv_volume()
+    ep = resize_episode(EpisodeSampler([(image, sv)], seed=0).sample(), 48)
+    assert ep["query_image"].shape == (48, 48)
+    aug = EpisodeAugment(48, seed=5)
+    a = aug(ep)
+    aug.set_random_state(5)
+    b = aug(ep)
+    changed = False
+    for key in ep:
+        if key.endswith("mask"):
+            assert set(np.unique(a[key])) <= {0.0, 1.0}
+        if key.endswith(("image", "mask")):
+            assert np.array_equal(a[key], b[key])
+            changed |= not np.array_equal(a[key], ep[key])
+            assert a[key].min() >= 0 and a[key].max() <= 1
+    assert changed
