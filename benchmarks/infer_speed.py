@@ -25,13 +25,13 @@ DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 def naive_segment(model, query, s_img, s_mask) -> torch.Tensor:
     """Per-slice loop as in the reference code: query (N, S, S) -> probabilities (N, S, S)."""
-    from lib.model.sdfsmis import _resize
+    from lib.model.sdfsmis import resize_slices
 
     size = model.config.image_size
     q = torch.as_tensor(query)[:, None]
-    si = _resize(torch.as_tensor(s_img)[:, None], size)
-    sm = (_resize(torch.as_tensor(s_mask)[:, None], size) > 0.5).float()
-    out = [_resize(model.predict_uncached(_resize(q[i:i + 1], size), si, sm).cpu(), q.shape[-2:])[:, 0]
+    si = resize_slices(torch.as_tensor(s_img)[:, None], size)
+    sm = (resize_slices(torch.as_tensor(s_mask)[:, None], size) > 0.5).float()
+    out = [resize_slices(model.predict_uncached(resize_slices(q[i:i + 1], size), si, sm).cpu(), q.shape[-2:])[:, 0]
            for i in range(q.shape[0])]
     return torch.cat(out)
 

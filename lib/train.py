@@ -16,7 +16,6 @@ import argparse
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -34,7 +33,7 @@ from lib.data.episodes import SETTING2_RULES, EpisodeSampler
 from lib.data.training_set import collect_images, load_training_volumes
 from lib.data.volumes import DatasetError
 from lib.model import PRESETS, build_model, load_checkpoint, read_meta, save_checkpoint
-from lib.model.checkpoint import recover_checkpoint
+from lib.model.checkpoint import atomic_folder, recover_checkpoint
 from lib.model.sdfsmis import SDFSMIS
 from lib.transforms.augment import EpisodeAugment, resize_episode
 
@@ -99,16 +98,9 @@ def save_state(optimizer: torch.optim.Optimizer, folder: Path, iteration: int) -
     tensors = {f"{i}.{k}": v.detach().cpu().contiguous() for i, s in sd["state"].items() for k, v in s.items()
                if torch.is_tensor(v)}
     meta = {"iteration": iteration, "param_groups": sd["param_groups"]}
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
-    (tmp / "state.json").write_text(json.dumps(meta))
-    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_folder(folder) as tmp:
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        (tmp / "state.json").write_text(json.dumps(meta))
 
 
 def load_state(optimizer: torch.optim.Optimizer, folder: Path, iteration: int) -> bool:
@@ -203,10 +195,7 @@ def _param_groups(model: SDFSMIS, opts: TrainOptions) -> list[dict]:
             raise ValueError("the sd15 VAE is pretrained: the 'vae' stage is for the mini and tiny presets")
         model.vae.requires_grad_(True)
         return [{"params": list(model.vae.parameters()), "lr": opts.lr_vae, "name": "vae"}]
-    mask_token = getattr(model.vtct.encoder.embeddings, "mask_token", None)
-    if mask_token is not None:  # DINOv2's masked-image-modelling token: unused here (DDP needs every
-        mask_token.requires_grad_(False)  # trainable parameter to receive a gradient)
-    groups = {k: [p for p in v if p.requires_grad] for k, v in model.param_groups().items()}
+    groups = model.param_groups()
     return [
         {"params": groups["unet"], "lr": opts.lr_unet or cfg.lr_unet, "name": "unet"},
         {"params": groups["new"], "lr": opts.lr_new or cfg.lr_new, "name": "new"},

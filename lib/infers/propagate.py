@@ -10,9 +10,8 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
+from lib.model.sdfsmis import resize_slices
 from lib.transforms import normalize_volume
 
 MERGE_RULES = ("probability", "order")
@@ -87,17 +86,6 @@ def nearest_slices(query_z, support_z, n_query: int, n_support: int | None = Non
         spos = support_z / max(n_support - 1, 1)
     dist = np.abs(qpos[:, None] - spos[None, :])
     return support_z[np.argmin(dist, axis=1)]
-
-
-def resize_slices(x, size) -> torch.Tensor:
-    """(N, H, W) or (N, 1, H, W) array/tensor -> float32 (N, 1, *size), bilinear (antialiased when shrinking)."""
-    t = torch.as_tensor(np.ascontiguousarray(x) if not torch.is_tensor(x) else x).float()
-    if t.ndim == 3:
-        t = t[:, None]
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    if tuple(t.shape[-2:]) == size:
-        return t
-    return F.interpolate(t, size=size, mode="bilinear", antialias=True, align_corners=False)
 
 
 def _slices(volume: np.ndarray, z) -> np.ndarray:

@@ -5,6 +5,7 @@ recorded source (or the sd_path / dino_path given to load_checkpoint). No pickle
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -33,6 +34,27 @@ def external_parts(model: SDFSMIS) -> list[str]:
     return parts
 
 
+@contextlib.contextmanager
+def atomic_folder(folder):
+    """Yield a temporary sibling folder to fill; on success it replaces `folder` (old version renamed
+    aside, then removed), on error it is removed. `recover_checkpoint` repairs a crash between the renames."""
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}-{time.monotonic_ns()}")
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        old = None
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.old-{os.getpid()}-{time.monotonic_ns()}")
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def save_checkpoint(model: SDFSMIS, folder, half: bool = False, extra: dict | None = None) -> Path:
     """Write `folder` atomically (a temporary folder renamed into place). half: store fp16 weights."""
     folder = Path(folder)
@@ -55,21 +77,9 @@ def save_checkpoint(model: SDFSMIS, folder, half: bool = False, extra: dict | No
         "model": model.config.to_dict(),
         "extra": extra or {},
     }
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}-{time.monotonic_ns()}")
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_folder(folder) as tmp:
         save_file(state, str(tmp / WEIGHTS), metadata={"format": FORMAT})
         (tmp / CONFIG).write_text(json.dumps(meta, indent=2))
-        old = None
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old-{os.getpid()}-{time.monotonic_ns()}")
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 

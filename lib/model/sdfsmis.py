@@ -67,7 +67,7 @@ class SDFSMIS(nn.Module):
         if self.config.train_encoder:
             new += list(self.vtct.encoder.parameters())
         unet = [p for p in self.unet.parameters() if id(p) not in sii]
-        return {"unet": unet, "new": new}
+        return {"unet": unet, "new": [p for p in new if p.requires_grad]}
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Pseudo-RGB + frozen VAE: (N, 1, S, S) in [0, 1] -> latents (N, 4, s, s), mean * scaling."""
@@ -161,12 +161,12 @@ class SDFSMIS(nn.Module):
         if not (s_mask > 0.5).any():
             raise ValueError("the support mask is empty: annotate the organ on the support slice")
         size = self.config.image_size
-        cache = self.encode_support(_resize(s_img, size), (_resize(s_mask, size) > 0.5).float())
+        cache = self.encode_support(resize_slices(s_img, size), (resize_slices(s_mask, size) > 0.5).float())
         out = []
         for start in range(0, q.shape[0], max(1, batch_size)):
             chunk = q[start:start + batch_size]
-            probs = self.predict(_resize(chunk, size), cache)
-            out.append(_resize(probs.cpu(), q.shape[-2:])[:, 0])
+            probs = self.predict(resize_slices(chunk, size), cache)
+            out.append(resize_slices(probs.cpu(), q.shape[-2:])[:, 0])
         probs = torch.cat(out) if out else torch.zeros(q.shape)
         if return_probs:
             return probs
@@ -183,9 +183,12 @@ def _as_slices(x, name: str) -> torch.Tensor:
     return t[:, None]
 
 
-def _resize(x: torch.Tensor, size) -> torch.Tensor:
-    """(N, 1, H, W) -> (N, 1, *size), bilinear (antialiased when shrinking)."""
+def resize_slices(x, size) -> torch.Tensor:
+    """(N, H, W) or (N, 1, H, W) array/tensor -> float32 (N, 1, *size), bilinear (antialiased when shrinking)."""
+    t = torch.as_tensor(np.ascontiguousarray(x) if not torch.is_tensor(x) else x).float()
+    if t.ndim == 3:
+        t = t[:, None]
     size = (size, size) if isinstance(size, int) else tuple(size)
-    if tuple(x.shape[-2:]) == size:
-        return x
-    return F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+    if tuple(t.shape[-2:]) == size:
+        return t
+    return F.interpolate(t, size=size, mode="bilinear", antialias=True, align_corners=False)

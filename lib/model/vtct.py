@@ -21,6 +21,9 @@ class VTCT(nn.Module):
         if image_size % patch:
             raise ValueError(f"VTCT input size {image_size} is not a multiple of the patch size {patch}")
         self.encoder = encoder
+        mask_token = getattr(encoder.embeddings, "mask_token", None)
+        if mask_token is not None:  # DINOv2's masked-image-modelling token: never used by VTCT
+            mask_token.requires_grad_(False)
         self.image_size = image_size
         self.grid = image_size // patch
         self.n_tokens = n_tokens
