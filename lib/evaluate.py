@@ -32,6 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", choices=DATASETS, help="label layout; default: detected from the folder name")
     p.add_argument("--organs", help="e.g. 'liver=1,spleen=4' or 'liver,spleen' (default: liver, spleen, LK, RK)")
     p.add_argument("--method", choices=METHODS, default="sdfsmis")
+    p.add_argument("--chain", action="store_true",
+                   help="sdfsmis, propagation mode: segment slice by slice outward from the annotated slice, "
+                        "each result the next support (lib.model.chain)")
+    p.add_argument("--all-components", action="store_true",
+                   help="sdfsmis: keep every predicted blob (default: the largest connected component per "
+                        "organ and support group)")
     p.add_argument("--checkpoint", help="SD-FSMIS checkpoint folder; '{fold}' is replaced by the fold number")
     p.add_argument("--preset", help="build an untrained model of this preset instead of a checkpoint (smoke runs)")
     p.add_argument("--server", metavar="URL", help="run through a MONAI Label app's 'sdfsmis' infer task")
@@ -91,7 +97,7 @@ def _method_factory(args, dataset_name: str):
     if args.preset:
         model = build_model(args.preset).to(args.device).eval()
         info = {"preset": args.preset, "config": model.config.to_dict(), "weights_sha256": _state_sha256(model)}
-        method = SDFSMISMethod(model, args.batch_size, info)
+        method = SDFSMISMethod(model, args.batch_size, info, chain=args.chain, largest=not args.all_components)
         return (lambda fold: method), False
     per_fold = "{fold}" in args.checkpoint
     cache: dict = {}
@@ -104,7 +110,7 @@ def _method_factory(args, dataset_name: str):
             info = {"checkpoint": str(path), "config": meta,
                     "weights_sha256": _sha256(path / "model.safetensors")}
             cache.clear()
-            cache[path] = SDFSMISMethod(model, args.batch_size, info)
+            cache[path] = SDFSMISMethod(model, args.batch_size, info, chain=args.chain, largest=not args.all_components)
         return cache[path]
 
     return for_fold, per_fold

@@ -55,6 +55,7 @@ class TrainOptions:
     lr_unet: float | None = None
     lr_new: float | None = None
     lr_vae: float = 1e-3
+    mask_loss_weight: float | None = None       # Dice + BCE on the decoded mask (None: the model config's)
     weight_decay: float | None = None
     grad_clip: float = 1.0
     warmup: int = 100                           # linear learning-rate warm-up, iterations
@@ -67,6 +68,7 @@ class TrainOptions:
     dino_path: str | None = None
     exclude_labels: list | None = None          # Setting 2: ground-truth ids whose slices are dropped
     setting2_rule: str = "strict"               # strict | rpt
+    merge: int = 0                              # grow episode regions by up to N neighbour supervoxels
     log_every: int = 10
     threads: int | None = None                  # torch CPU threads (None = torch's default)
     progress_bar: bool = True
@@ -182,10 +184,26 @@ def _build_or_resume(opts: TrainOptions, out: Path, device: torch.device):
         return load_checkpoint(published, device=device, sd_path=opts.sd_path, dino_path=opts.dino_path), \
             int(extra.get("iteration", 0)), True
     if opts.init:
-        return load_checkpoint(opts.init, device=device, sd_path=opts.sd_path, dino_path=opts.dino_path), 0, False
+        init = load_checkpoint(opts.init, device=device, sd_path=opts.sd_path, dino_path=opts.dino_path)
+        if opts.stage == "sdfsmis" and read_meta(opts.init).get("extra", {}).get("stage") == "vae":
+            return _with_vae(opts, init, device), 0, False
+        return init, 0, False
     if opts.preset not in PRESETS:
         raise ValueError(f"unknown preset {opts.preset!r}: choose one of {', '.join(PRESETS)}")
     return build_model(opts.preset, sd_path=opts.sd_path, dino_path=opts.dino_path).to(device), 0, False
+
+
+def _with_vae(opts: TrainOptions, trained: SDFSMIS, device: torch.device) -> SDFSMIS:
+    """A fresh `opts.preset` network that takes only the VAE (and its scaling factor) of a VAE-stage run."""
+    model = build_model(opts.preset, sd_path=opts.sd_path, dino_path=opts.dino_path).to(device)
+    vae_cfg = dict(trained.config.vae)
+    if {k: v for k, v in vae_cfg.items() if k != "scaling_factor"} != \
+            {k: v for k, v in model.config.vae.items() if k != "scaling_factor"}:
+        raise ValueError(f"the VAE of {opts.init} is not the {opts.preset!r} preset's VAE; pass the matching --preset")
+    model.vae.load_state_dict(trained.vae.state_dict())
+    model.vae.register_to_config(scaling_factor=vae_cfg["scaling_factor"])
+    model.config.vae["scaling_factor"] = vae_cfg["scaling_factor"]
+    return model
 
 
 def _param_groups(model: SDFSMIS, opts: TrainOptions) -> list[dict]:
@@ -228,6 +246,10 @@ def train(opts: TrainOptions, progress: Callable[[dict], None] | None = None,
 
     model, start, resumed = _build_or_resume(opts, out, device)
     cfg = model.config
+    if opts.mask_loss_weight is not None:
+        if opts.mask_loss_weight < 0:
+            raise ValueError("mask_loss_weight must be >= 0")
+        cfg.mask_loss_weight = float(opts.mask_loss_weight)
     iterations = int(opts.iterations or cfg.iterations)
     batch_size = int(opts.batch_size or cfg.batch_size)
     if iterations < 1 or batch_size < 1 or opts.checkpoint_every < 1:
@@ -238,7 +260,8 @@ def train(opts: TrainOptions, progress: Callable[[dict], None] | None = None,
     volumes, labels = load_training_volumes(images, opts.cache_dir, with_labels=opts.exclude_labels is not None,
                                             progress=opts.progress_bar and rank == 0)
     sampler = EpisodeSampler(volumes, seed=opts.seed + start + 1000 * rank, labels=labels or None,
-                             exclude_labels=opts.exclude_labels, setting2_rule=opts.setting2_rule)
+                             exclude_labels=opts.exclude_labels, setting2_rule=opts.setting2_rule,
+                             merge=opts.merge)
     augment = EpisodeAugment(cfg.image_size, seed=opts.seed + 7 + start + 1000 * rank)
 
     model.train()
@@ -338,6 +361,9 @@ def parse_args(argv=None) -> TrainOptions:
     ap.add_argument("--lr-new", type=float, help="MLP, conv_in, SII (and the trained VTCT encoder of mini)")
     ap.add_argument("--lr-vae", type=float, default=1e-3, help="--stage vae only")
     ap.add_argument("--weight-decay", type=float)
+    ap.add_argument("--mask-loss-weight", type=float,
+                    help="weight of Dice + BCE on the decoded query mask, added to the paper's latent MSE "
+                         "(default: the model's config; mini 1.0, sd15 0 = the paper)")
     ap.add_argument("--grad-clip", type=float, default=1.0)
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--checkpoint-every", type=int, default=500)
@@ -351,16 +377,20 @@ def parse_args(argv=None) -> TrainOptions:
     ap.add_argument("--dino-path", help="sd15: local DINOv2-small folder")
     ap.add_argument("--exclude-labels", help="Setting 2: comma-separated ground-truth ids whose slices are dropped")
     ap.add_argument("--setting2-rule", default="strict", choices=SETTING2_RULES)
+    ap.add_argument("--merge", type=int, default=0,
+                    help="grow each episode's supervoxel by up to N random neighbour supervoxels "
+                         "(multi-scale regions; 0 = ADNet/RPT's single supervoxel)")
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a busy 2-core machine)")
     a = ap.parse_args(argv)
     exclude = [int(x) for x in a.exclude_labels.split(",")] if a.exclude_labels else None
     return TrainOptions(
         data=a.data, out=a.out, preset=a.preset, init=a.init, stage=a.stage, iterations=a.iterations,
-        batch_size=a.batch_size, lr_unet=a.lr_unet, lr_new=a.lr_new, lr_vae=a.lr_vae, weight_decay=a.weight_decay,
+        batch_size=a.batch_size, lr_unet=a.lr_unet, lr_new=a.lr_new, lr_vae=a.lr_vae, mask_loss_weight=a.mask_loss_weight,
+        weight_decay=a.weight_decay,
         grad_clip=a.grad_clip, warmup=a.warmup, checkpoint_every=a.checkpoint_every, seed=a.seed, device=a.device,
         resume=a.resume, cache_dir=a.cache_dir, sd_path=a.sd_path, dino_path=a.dino_path, exclude_labels=exclude,
-        setting2_rule=a.setting2_rule, log_every=a.log_every, threads=a.threads,
+        setting2_rule=a.setting2_rule, merge=a.merge, log_every=a.log_every, threads=a.threads,
     )
 
 

@@ -228,3 +228,43 @@ def test_sample_study_layout(tmp_path):
     assert label.shape == image.shape == (128, 128, 24)
     assert len(annotated_slices(label)) == 1 and set(np.unique(label).tolist()) == {0, 1, 2, 3, 4}
     assert image.header.get_zooms() == (1.5, 1.5, 5.0)
+
+
+# ---- chained propagation -----------------------------------------------------------------------
+def test_chain_walks_outward_and_stops_where_the_organ_ends():
+    from lib.model.chain import chain_segment
+
+    ann = np.zeros((8, 16, 16), np.float32)              # (N, H, W) slices
+    ann[3, 4:10, 5:12] = 1
+    stub = StubModel()
+    masks, probs = chain_segment(stub, np.random.default_rng(0).random((8, 16, 16)), 3, ann[3])
+    assert masks.shape == (8, 16, 16) and masks.all(axis=0).sum() == 6 * 7     # the square carried to every slice
+    assert len(stub.encoded) == 7                                                 # one support per step
+    # a step predicting nothing ends that direction: upward (first walk) stops at once
+    stub = StubModel(constant=[0.0])
+    masks, _ = chain_segment(stub, np.zeros((8, 16, 16)), 3, ann[3])
+    assert [bool(m.any()) for m in masks] == [True, True, True, True, False, False, False, False]
+    assert len(stub.encoded) == 1 + 3
+    with pytest.raises(ValueError, match="empty"):
+        chain_segment(StubModel(), np.zeros((8, 16, 16)), 3, np.zeros((16, 16)))
+
+
+def test_propagate_chain_option_uses_neighbours_as_supports():
+    ann = _squares((16, 16, 8))
+    stub = StubModel()
+    res = propagate(stub, np.random.default_rng(1).random((16, 16, 8)), ann, chain=True)
+    # slices 0, 2, 3 go to annotated slice 1 (walks 1->2->3 and 1->0), 4, 5, 7 to slice 6 (6->7, 6->5->4)
+    assert len(stub.encoded) == 3 + 3
+    assert np.array_equal(res.label[..., 3], ann[..., 1]) and np.array_equal(res.label[..., 4], ann[..., 6])
+    assert np.array_equal(res.label[..., 1], ann[..., 1])
+
+
+def test_largest_component_drops_stray_blobs():
+    from lib.transforms.postprocess import largest_component
+
+    m = np.zeros((4, 10, 10), bool)
+    m[:, 1:5, 1:5] = True
+    m[2, 8, 8] = True
+    out = largest_component(m)
+    assert out.sum() == 4 * 16 and not out[2, 8, 8]
+    assert not largest_component(np.zeros((3, 5, 5), bool)).any()

@@ -1,6 +1,7 @@
 """Episode sampling (ADNet/RPT rule), Setting 2 exclusion and the seeded augmentation."""
 import numpy as np
 import pytest
+from skimage.measure import label
 
 from lib.data.episodes import EpisodeSampler, excluded_slices
 from lib.transforms.augment import EpisodeAugment, resize_episode
@@ -83,3 +84,30 @@ def test_augmentation_is_seeded_and_keeps_binary_masks():
             changed |= not np.array_equal(a[key], ep[key])
             assert a[key].min() >= 0 and a[key].max() <= 1
     assert changed
+
+
+def test_merge_grows_connected_multi_supervoxel_regions():
+    from lib.data.episodes import grow_region
+
+    grid = np.repeat(np.repeat(np.arange(1, 17).reshape(4, 4), 8, 0), 8, 1)   # 4x4 blocks of 8x8 px
+    grid[:8, :8] = 0                                                           # background block
+    rng = np.random.default_rng(0)
+    assert grow_region(grid, 6, 0, rng) == [6]
+    for _ in range(20):
+        region = grow_region(grid, 6, 5, rng)
+        assert len(region) == 6 and len(set(region)) == 6 and 0 not in region
+        inside = np.isin(grid, region)
+        assert label(inside, connectivity=1).max() == 1                                          # one connected piece
+    image, sv, _ = _sv_volume()
+    sampler = EpisodeSampler([(image, sv)], seed=3, merge=3)
+    sizes = set()
+    for _ in range(60):
+        ep = sampler.sample()
+        zs, zq = ep["slices"]
+        assert ep["region"][0] == ep["supervoxel"]
+        assert np.array_equal(ep["support_mask"], np.isin(sv[:, :, zs], ep["region"]).astype(np.float32))
+        assert np.array_equal(ep["query_mask"], np.isin(sv[:, :, zq], ep["region"]).astype(np.float32))
+        sizes.add(len(ep["region"]))
+    assert 1 in sizes and max(sizes) > 1
+    with pytest.raises(ValueError, match="merge"):
+        EpisodeSampler([(image, sv)], merge=-1)

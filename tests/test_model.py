@@ -1,6 +1,7 @@
 """The SD-FSMIS network (tiny preset, CPU): shapes, conv_in widening, support cache, QE, VTCT, checkpoints."""
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -90,8 +91,10 @@ def test_model_conv_ins_are_widened_from_the_unet_conv():
     torch.manual_seed(1)
     m = build_model("tiny")
     z = torch.randn(1, 4, 8, 8)
-    for conv in (m.conv_in_support, m.conv_in_query):
-        torch.testing.assert_close(conv(torch.cat([z, z], 1)), original(z), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(m.conv_in_support(torch.cat([z, z], 1)), original(z), rtol=1e-5, atol=1e-6)
+    # tiny has the support prior: the query conv takes [z_q, p_q, z_s^M, z_s^I]
+    assert m.config.query_prior == "image+mask" and m.conv_in_query.in_channels == 16
+    torch.testing.assert_close(m.conv_in_query(torch.cat([z] * 4, 1)), original(z), rtol=1e-5, atol=1e-6)
     assert m.unet.config.in_channels == 8
 
 
@@ -101,7 +104,7 @@ def test_support_cache_equals_recompute(model):
     cache = model.encode_support(img[:1], mask[:1])
     cached = model.predict(img, cache)
     recomputed = model.predict_uncached(img, img[:1], mask[:1])
-    torch.testing.assert_close(cached, recomputed, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cached, recomputed, rtol=1e-4, atol=1e-5)
     # and a different support gives a different answer (the cache is really used)
     other = model.encode_support(img[1:2], 1 - mask[:1])
     assert not torch.allclose(model.predict(img, other), cached)
@@ -247,3 +250,20 @@ def test_sd15_architecture_builds_from_reference():
     assert m.config.latent_size == 32 and m.vtct.grid == 16 and m.sii_blocks == 16
     assert m.vtct.encoder.config.hidden_size == 384 and m.vae.config.scaling_factor == 0.18215
     assert m.conv_in_query.weight.shape == (320, 8, 3, 3)
+
+
+def test_support_mask_prior_reaches_the_query_branch(model):
+    """tiny/mini: the cache holds the mean support-mask and -image latents; the query branch uses them."""
+    s = model.config.image_size
+    img, mask = _episode(2, s, seed=5)
+    one = model.encode_support(img[:2], mask[:2])                       # one 2-shot support
+    assert one.prior.shape == (1, 8, model.config.latent_size, model.config.latent_size)
+    torch.testing.assert_close(one.prior[0, :4], model.encode(mask[:2]).mean(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(one.prior[0, 4:], model.encode(img[:2]).mean(0), rtol=1e-5, atol=1e-6)
+    cache = model.encode_support(img[:1], mask[:1])
+    base = model.predict(img, cache)
+    shifted = dataclasses.replace(cache, prior=cache.prior + 1.0)
+    assert not torch.allclose(base, model.predict(img, shifted))       # the prior is really used
+    with pytest.raises(ValueError, match="prior latents"):
+        model.predict(img, dataclasses.replace(cache, prior=None))
+    assert cache.to(dtype=torch.float16).prior.dtype == torch.float16

@@ -32,6 +32,7 @@ def _opts(dataset, out, tmp_path, **kw):
 def test_a_few_iterations_lower_the_loss_on_a_fixed_batch():
     torch.manual_seed(0)
     model = build_model("tiny").train()
+    model.config.mask_loss_weight = 0.0   # the paper's latent MSE alone
     s = model.config.image_size
     yy, xx = torch.meshgrid(torch.arange(s), torch.arange(s), indexing="ij")
     mask = (((yy - 30) ** 2 + (xx - 28) ** 2) < 150).float()[None, None].repeat(2, 1, 1, 1)
@@ -47,6 +48,26 @@ def test_a_few_iterations_lower_the_loss_on_a_fixed_batch():
         opt.step()
         losses.append(float(loss))
     assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_mask_loss_term_is_dice_ce_of_the_decoded_prediction():
+    from lib.model.sdfsmis import mask_loss
+
+    torch.manual_seed(0)
+    model = build_model("tiny").eval()
+    s = model.config.image_size
+    mask = torch.zeros(2, 1, s, s)
+    mask[:, :, 20:40, 18:44] = 1
+    image = 0.2 + 0.6 * mask
+    with torch.no_grad():
+        model.config.mask_loss_weight = 0.0
+        mse = model.loss(image, mask, image, mask)
+        model.config.mask_loss_weight = 2.0
+        total = model.loss(image, mask, image, mask)
+        pred = model.query_branch(image, model.support_branch(image, mask, groups=2))
+        term = mask_loss(model.decode_logits(pred), mask)
+    assert float(term) > 0.1
+    torch.testing.assert_close(total, mse + 2.0 * term, rtol=1e-5, atol=1e-6)
 
 
 def test_train_publishes_a_checkpoint_logs_and_resumes(dataset, tmp_path):
@@ -109,3 +130,17 @@ def test_sigkill_mid_run_leaves_a_loadable_model_and_resume_continues(dataset, t
     seen = []
     train(_opts(dataset, out, tmp_path, iterations=done + 2, checkpoint_every=1), progress=seen.append)
     assert [d["iteration"] for d in seen] == [done + 1, done + 2]
+
+
+def test_sdfsmis_stage_takes_only_the_vae_of_a_vae_stage_run(dataset, tmp_path):
+    vae_run = train(_opts(dataset, tmp_path / "vae", tmp_path, iterations=1, stage="vae"))
+    trained = load_checkpoint(vae_run.model_dir)
+    res = train(_opts(dataset, tmp_path / "net", tmp_path, iterations=1, init=str(vae_run.model_dir),
+                      mask_loss_weight=0.5))
+    model = load_checkpoint(res.model_dir)
+    assert model.scaling_factor == trained.scaling_factor
+    for k, v in trained.vae.state_dict().items():
+        assert torch.equal(model.vae.state_dict()[k], v), k
+    assert model.config.mask_loss_weight == 0.5 and model.config.query_prior == "image+mask"  # the tiny preset
+    with pytest.raises(ValueError, match="preset"):
+        train(_opts(dataset, tmp_path / "bad", tmp_path, iterations=1, init=str(vae_run.model_dir), preset="mini"))

@@ -4,6 +4,10 @@ Each draw: a random volume -> a random supervoxel -> two adjacent slices z, z+1 
 supervoxel covers at least `min_area` pixels in both -> swapped with p=0.5 -> the first slice is
 the support, the second the query, and both masks are that supervoxel.
 
+Multi-scale regions (`merge` > 0, not in ADNet/RPT): half of the episodes keep the single supervoxel,
+the other half grow it by m ~ U{1..merge} supervoxels, each a random in-slice neighbour of the region so far (on the support slice), and both
+masks are that union, so that episodes also show organ-sized regions (a liver spans many supervoxels).
+
 Setting 2 (no exposure to the test organs) removes training slices using ground-truth labels:
 - `strict`: drop every slice that contains ANY test organ (the stated intent of Setting 2);
 - `rpt`:    drop only slices that contain ALL test organs at once, which is what RPT's (and ADNet's)
@@ -53,6 +57,26 @@ def slice_areas(supervoxels) -> np.ndarray:
     return np.bincount(key.ravel(), minlength=n_lab * n_z).reshape(n_lab, n_z)
 
 
+def grow_region(labels2d: np.ndarray, seed: int, steps: int, rng: np.random.Generator) -> list[int]:
+    """labels2d (H, W) ints, a label id -> [seed, + up to `steps` ids], each one a random label
+    touching (4-neighbourhood) the region grown so far; background 0 is never added."""
+    region = [int(seed)]
+    inside = labels2d == seed
+    for _ in range(steps):
+        ring = np.zeros_like(inside)
+        ring[1:] |= inside[:-1]
+        ring[:-1] |= inside[1:]
+        ring[:, 1:] |= inside[:, :-1]
+        ring[:, :-1] |= inside[:, 1:]
+        near = np.setdiff1d(np.unique(labels2d[ring & ~inside]), [0, *region])
+        if not near.size:
+            break
+        nxt = int(rng.choice(near))
+        region.append(nxt)
+        inside |= labels2d == nxt
+    return region
+
+
 def valid_pairs(supervoxels, min_area: int = MIN_AREA, excluded=None) -> np.ndarray:
     """int64 (N, 2) rows (supervoxel id, z): the id covers >= `min_area` px in slices z and z+1,
     and neither slice is `excluded` (bool (Z,)). Sorted by id, then z."""
@@ -78,8 +102,11 @@ class EpisodeSampler:
     labels / exclude_labels / setting2_rule: Setting 2 (see module doc); `labels` is a sequence of
         ground-truth volumes (H, W, Z) or callables, aligned with `volumes`.
 
+    merge: grow each region by up to this many neighbouring supervoxels (module doc; 0 = ADNet/RPT).
+
     `sample()` returns a dict: support_image, support_mask, query_image, query_mask (each float32
-    (H, W); masks in {0, 1}), volume_index, supervoxel, slices (support z, query z).
+    (H, W); masks in {0, 1}), volume_index, supervoxel, region (the supervoxel ids of the masks),
+    slices (support z, query z).
     """
 
     def __init__(
@@ -91,6 +118,7 @@ class EpisodeSampler:
         exclude_labels: Sequence[int] | None = None,
         setting2_rule: str = "strict",
         max_loaded: int | None = None,
+        merge: int = 0,
     ):
         self._items = list(volumes)
         if not self._items:
@@ -102,6 +130,9 @@ class EpisodeSampler:
         if labels is not None and len(labels) != len(self._items):
             raise ValueError(f"{len(labels)} label volumes for {len(self._items)} volumes")
         self.min_area = int(min_area)
+        if merge < 0:
+            raise ValueError(f"merge must be >= 0, got {merge}")
+        self.merge = int(merge)
         self.setting2_rule = setting2_rule
         self.exclude_labels = None if exclude_labels is None else [int(c) for c in exclude_labels]
         self._max_loaded = max_loaded
@@ -168,13 +199,18 @@ class EpisodeSampler:
         z = int(self._cands[v][self._sv_start[v][j] + self.rng.integers(self._sv_count[v][j]), 1])
         zs, zq = (z + 1, z) if self.rng.random() < 0.5 else (z, z + 1)
         image, sv = self._volume(v)
+        region = [k]
+        if self.merge:
+            steps = 0 if self.rng.random() < 0.5 else int(self.rng.integers(1, self.merge + 1))
+            region = grow_region(sv[:, :, zs], k, steps, self.rng)
         return {
             "support_image": np.asarray(image[:, :, zs], dtype=np.float32),
-            "support_mask": (sv[:, :, zs] == k).astype(np.float32),
+            "support_mask": np.isin(sv[:, :, zs], region).astype(np.float32),
             "query_image": np.asarray(image[:, :, zq], dtype=np.float32),
-            "query_mask": (sv[:, :, zq] == k).astype(np.float32),
+            "query_mask": np.isin(sv[:, :, zq], region).astype(np.float32),
             "volume_index": v,
             "supervoxel": k,
+            "region": region,
             "slices": (zs, zq),
         }
 

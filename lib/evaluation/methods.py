@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from lib.transforms.postprocess import largest_component
+
 METHODS = ("sdfsmis", "copy", "registration")
 
 
@@ -127,13 +129,31 @@ class SDFSMISMethod(ArrayMethod):
 
     name = "sdfsmis"
 
-    def __init__(self, model, batch_size: int = 8, info: dict | None = None):
+    def __init__(self, model, batch_size: int = 8, info: dict | None = None, chain: bool = False,
+                 largest: bool = True):
         self.model = model
         self.batch_size = batch_size
         self.info = info or {}
+        self.chain = chain
+        self.largest = largest
 
     def describe(self) -> dict:
-        return {"method": self.name, "batch_size": self.batch_size, **self.info}
+        return {"method": self.name, "batch_size": self.batch_size, "chain": self.chain,
+                "largest_component": self.largest, **self.info}
+
+    def run_group(self, dataset, job, group) -> np.ndarray:
+        """Chained (--chain) when support and queries are one volume; else one support for all."""
+        if not self.chain or group.support != job.query:
+            masks = super().run_group(dataset, job, group)
+        else:
+            from lib.model.chain import chain_segment
+
+            image, label, _ = dataset.load(job.query)
+            lo, hi = min(*group.query_z, group.support_z), max(*group.query_z, group.support_z)
+            stack = np.moveaxis(image[..., lo:hi + 1], -1, 0)                     # (hi - lo + 1, H, W)
+            masks, _ = chain_segment(self.model, stack, group.support_z - lo, label[..., group.support_z] == job.label)
+            masks = masks[np.asarray(group.query_z) - lo]
+        return largest_component(masks) if self.largest else masks
 
     def segment(self, query, support_image, support_mask) -> np.ndarray:
         import torch

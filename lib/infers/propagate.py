@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from lib.model.chain import chain_segment
 from lib.model.sdfsmis import resize_slices
 from lib.transforms import normalize_volume
 
@@ -115,6 +116,7 @@ def propagate(
     threshold: float | None = None,
     merge: str = "probability",
     normalized: bool = False,
+    chain: bool = False,
 ) -> PropagationResult:
     """Segment every organ of `support_label` in `image`.
 
@@ -123,6 +125,8 @@ def propagate(
         the annotated slices are copied into the result unchanged and every other slice is predicted).
     Each query slice uses, per organ, the nearest slice annotated with that organ (one support encoding
     per organ and support slice, queries in batches of `batch_size`).
+    chain: inside one volume, walk slice by slice outward from each annotated slice instead, each result
+        the next support (lib.model.chain); a walk ends where the organ disappears. Ignored across volumes.
     merge: "probability" (a voxel above threshold for several organs gets the most probable one; equal
         probabilities go to the later organ) or "order" (later organ values overwrite earlier ones).
     normalized: the volumes are already scaled to [0, 1] (else lib.transforms.normalize_volume).
@@ -149,6 +153,16 @@ def propagate(
     result = PropagationResult(out, organs, copied=copied)
     step = max(1, int(batch_size))
 
+    def paint(value: int, zs: np.ndarray, probs: np.ndarray) -> None:
+        """probs (H, W, len(zs)) of organ `value` on slices zs -> out (and best)."""
+        fg = probs > thr
+        if best is not None:
+            fg &= probs >= best[..., zs]
+            best[..., zs] = np.where(fg, probs, best[..., zs])
+        block = out[..., zs]
+        block[fg] = value
+        out[..., zs] = block
+
     for value in organs:
         mask = label == value
         support_z = annotated_slices(mask)
@@ -157,24 +171,24 @@ def propagate(
             continue
         assign = nearest_slices(query_z, support_z, n_query, None if same_volume else support.shape[-1])
         for z_s in np.unique(assign):
+            targets = query_z[assign == z_s]
+            if chain and same_volume:
+                lo, hi = int(min(targets.min(), z_s)), int(max(targets.max(), z_s))
+                _, probs = chain_segment(model, np.moveaxis(query[..., lo:hi + 1], -1, 0), int(z_s) - lo,
+                                         mask[..., z_s], threshold=thr)
+                result.forward_passes += hi - lo
+                paint(value, targets, np.moveaxis(probs[targets - lo], 0, -1))
+                continue
             s_img = resize_slices(_slices(support, z_s), size)
             s_mask = resize_slices(_slices(mask, z_s).astype(np.float32), size)
             s_mask = (s_mask > 0.5) if (s_mask > 0.5).any() else (s_mask > 0)  # keep tiny organs after shrinking
             cache = model.encode_support(s_img, s_mask.float())
-            targets = query_z[assign == z_s]
             for i in range(0, targets.size, step):
                 zs = targets[i:i + step]
                 probs = model.predict(resize_slices(_slices(query, zs), size), cache)       # (B, 1, S, S)
                 probs = resize_slices(probs.float().cpu(), (h, w))[:, 0].numpy()            # (B, H, W)
-                probs = np.moveaxis(probs, 0, -1)                                            # (H, W, B)
                 result.forward_passes += 1
-                fg = probs > thr
-                if best is not None:
-                    fg &= probs >= best[..., zs]
-                    best[..., zs] = np.where(fg, probs, best[..., zs])
-                block = out[..., zs]
-                block[fg] = value
-                out[..., zs] = block
+                paint(value, zs, np.moveaxis(probs, 0, -1))
     if copied:
         out[..., copied] = label[..., copied]
     result.seconds = time.perf_counter() - start

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
-from lib.configs.app_config import AppConfig
+from lib.configs.app_config import FALSE, TRUE, AppConfig
 from lib.infers.errors import bad_request
 from lib.infers.model_store import ModelStore
 from lib.infers.propagate import MERGE_RULES, AnnotationError, propagate
@@ -36,6 +36,19 @@ def _number(request: dict, key: str, default, cast, low, high):
     if not low <= x <= high:
         raise bad_request(f"{key} {value!r} must be between {low} and {high}")
     return x
+
+
+def _flag(request: dict, key: str, default: bool) -> bool:
+    """A boolean request option (true/false, 1/0, yes/no, on/off); absent -> default."""
+    value = request.get(key)
+    if value is None or value == "":
+        return default
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in TRUE or text in FALSE:
+        return text in TRUE
+    raise bad_request(f"{key} {value!r} is not valid: use true or false")
 
 
 def ignored_values(request: dict) -> list[int]:
@@ -69,6 +82,7 @@ class SDFSMISInfer(InferTask):
                 "threshold": cfg.threshold if cfg.threshold is not None else "",
                 "batch_size": cfg.batch_size,
                 "merge": list(MERGE_RULES) if cfg.merge == MERGE_RULES[0] else list(reversed(MERGE_RULES)),
+                "chain": cfg.chain,
                 "result_extension": cfg.result_extension,
             },
         )
@@ -101,6 +115,7 @@ class SDFSMISInfer(InferTask):
             "threshold": _number(request, "threshold", self.cfg.threshold, float, 1e-6, 1 - 1e-6),
             "batch_size": _number(request, "batch_size", self.cfg.batch_size, int, 1, 4096),
             "merge": merge,
+            "chain": _flag(request, "chain", self.cfg.chain),
             "extension": ext,
         }
 
@@ -126,7 +141,7 @@ class SDFSMISInfer(InferTask):
             with self.store.lock:
                 model = self.store.get()
                 result = propagate(model, image, label, support_image=support_image, batch_size=opts["batch_size"],
-                                   threshold=opts["threshold"], merge=opts["merge"])
+                                   threshold=opts["threshold"], merge=opts["merge"], chain=opts["chain"])
                 served = self.store.info()
         except AnnotationError as err:
             raise bad_request(str(err)) from None
@@ -142,6 +157,7 @@ class SDFSMISInfer(InferTask):
             "copied_slices": result.copied,
             "threshold": opts["threshold"] if opts["threshold"] is not None else float(model.config.threshold),
             "merge": opts["merge"],
+            "chain": opts["chain"],
             "model": served,
             "latencies": {
                 "pre": round(pre - start, 3), "infer": round(infer - pre, 3), "post": round(end - infer, 3),

@@ -14,12 +14,15 @@ class SupportCache:
     embedding: VTCT text-like embedding, (G, n_tokens, D)
     tokens:    SII keys/values per transformer block index, each (G, k*L, C)
     shots:     k, the number of annotated slices per support
+    prior:     support latents fed to the query branch, mean over the k shots: z_s^M (G, C, h, w) or
+               [z_s^M, z_s^I] (G, 2C, h, w) per `config.query_prior`; None for "none" (the paper)
     """
 
     prototype: torch.Tensor
     embedding: torch.Tensor
     tokens: dict[int, torch.Tensor]
     shots: int
+    prior: torch.Tensor | None = None
 
     @property
     def groups(self) -> int:
@@ -30,9 +33,11 @@ class SupportCache:
             return t.to(device=device, dtype=dtype if t.is_floating_point() else None)
 
         return SupportCache(
-            move(self.prototype), move(self.embedding), {i: move(t) for i, t in self.tokens.items()}, self.shots
+            move(self.prototype), move(self.embedding), {i: move(t) for i, t in self.tokens.items()}, self.shots,
+            None if self.prior is None else move(self.prior),
         )
 
     def nbytes(self) -> int:
         ts = [self.prototype, self.embedding, *self.tokens.values()]
+        ts += [] if self.prior is None else [self.prior]
         return sum(t.numel() * t.element_size() for t in ts)

@@ -30,6 +30,8 @@ class SDFSMISConfig:
     weight_decay: float = 1e-2     # [1e-2]
     batch_size: int = 1            # training episodes per step [1]
     iterations: int = 15000        # training iterations [15k]
+    query_prior: str = "none"      # support latents also fed to the query branch: none [paper] | mask | image+mask
+    mask_loss_weight: float = 0.0  # weight of Dice + BCE on the decoded query mask (0: latent MSE only [paper])
     sources: dict[str, Any] = field(default_factory=dict)  # where pretrained parts came from
 
     @property

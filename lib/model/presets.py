@@ -57,18 +57,22 @@ PRESETS: dict[str, SDFSMISConfig] = {
     ),
     # Same layout, small widths and 128x128 inputs (16x16 latents): trains and serves on 2 CPU cores.
     # Its VAE is trained first (`python -m lib.train --stage vae`) and its VTCT encoder is trained too.
+    # Trained from scratch, it needs two additions to learn at all (docs/model.md): the support-mask
+    # prior in the query branch and a Dice + BCE term on the decoded mask.
     "mini": SDFSMISConfig(
         preset="mini", unet=_unet([32, 64, 128, 128], 4, 128, 16, 16), vae=_vae([8, 16, 32, 32], 8),
         dino=dict(DINOV2_SMALL, hidden_size=96, num_hidden_layers=4, num_attention_heads=3, image_size=112),
         image_size=128, dino_size=112, n_tokens=4, vtct_hidden=256, train_encoder=True,
-        lr_unet=3e-4, lr_new=3e-4, batch_size=4, iterations=2500,
+        lr_unet=3e-4, lr_new=3e-4, batch_size=4, iterations=2500, mask_loss_weight=1.0,
+        query_prior="image+mask",
     ),
     # Smallest widths, 64x64 inputs: for tests only.
     "tiny": SDFSMISConfig(
         preset="tiny", unet=_unet([16, 32], 2, 32, 8, 8), vae=_vae([8, 8, 8, 8], 4),
         dino=dict(DINOV2_SMALL, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, image_size=56),
         image_size=64, dino_size=56, n_tokens=2, vtct_hidden=32, train_encoder=True,
-        lr_unet=1e-3, lr_new=1e-3, batch_size=2, iterations=20,
+        lr_unet=1e-3, lr_new=1e-3, batch_size=2, iterations=20, mask_loss_weight=1.0,
+        query_prior="image+mask",
     ),
 }
 

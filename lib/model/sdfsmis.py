@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, UNet2DConditionModel
+from monai.losses import DiceCELoss
 from torch import nn
 from transformers import Dinov2Model
 
@@ -19,6 +20,14 @@ from lib.model.conv_in import widen_conv_in
 from lib.model.qe import downsample_mask, enhance_query, masked_average
 from lib.model.sii import SIIContext, add_sii, sii_parameters
 from lib.model.vtct import VTCT
+
+
+QUERY_PRIORS = ("none", "mask", "image+mask")  # config.query_prior; index + 2 = conv_in_query width factor
+MASK_LOGIT_SCALE = 4.0  # decoded value in [-1, 1] -> logit (±1 -> probability 0.98 / 0.02)
+
+
+# Soft Dice (per slice) + BCE on logits: (N, 1, S, S) logits and masks -> scalar.
+mask_loss = DiceCELoss(sigmoid=True, smooth_nr=1.0, smooth_dr=1.0)
 
 
 class SDFSMIS(nn.Module):
@@ -32,7 +41,10 @@ class SDFSMIS(nn.Module):
         if unet.conv_in.in_channels != latent_channels:
             raise ValueError(f"the UNet's conv_in takes {unet.conv_in.in_channels} channels, the VAE gives {latent_channels}")
         self.conv_in_support = widen_conv_in(unet.conv_in, 2)   # [z_s^I, z_s^M]
-        self.conv_in_query = widen_conv_in(unet.conv_in, 2)     # [z_q, p_q]
+        # [z_q, p_q] (paper), + z_s^M (prior "mask") or + [z_s^M, z_s^I] (prior "image+mask")
+        if config.query_prior not in QUERY_PRIORS:
+            raise ValueError(f"query_prior {config.query_prior!r}: choose one of {' | '.join(QUERY_PRIORS)}")
+        self.conv_in_query = widen_conv_in(unet.conv_in, 2 + QUERY_PRIORS.index(config.query_prior))
         unet.conv_in = nn.Identity()                            # each branch applies its own conv first
         unet.register_to_config(in_channels=2 * latent_channels)
         self.sii_blocks = len(add_sii(unet))
@@ -98,12 +110,25 @@ class SDFSMIS(nn.Module):
         x = self.conv_in_support(torch.cat([z_img, z_mask], dim=1))
         self._unet(x, embedding.repeat_interleave(k, dim=0), ctx)
         tokens = {i: t.reshape(groups, -1, t.shape[-1]) for i, t in ctx.tokens.items()}
-        return SupportCache(prototype, embedding, tokens, k)
+        return SupportCache(prototype, embedding, tokens, k, self._prior(z_img, z_mask, groups))
+
+    def _prior(self, z_img: torch.Tensor, z_mask: torch.Tensor, groups: int) -> torch.Tensor | None:
+        """Support latents (G*k, C, h, w) -> the query prior (G, n*C, h, w), mean over shots; None for "none"."""
+        parts = {"none": [], "mask": [z_mask], "image+mask": [z_mask, z_img]}[self.config.query_prior]
+        if not parts:
+            return None
+        x = torch.cat(parts, dim=1)
+        return x.reshape(groups, -1, *x.shape[1:]).mean(dim=1)
 
     def query_branch(self, images: torch.Tensor, cache: SupportCache) -> torch.Tensor:
         """Query images (B, 1, S, S) + cache of 1 or B supports -> predicted mask latents (B, 4, s, s)."""
         z_q = self.encode(images)
-        x = self.conv_in_query(enhance_query(cache.prototype, z_q, self.config.qe_threshold).to(z_q.dtype))
+        x = enhance_query(cache.prototype, z_q, self.config.qe_threshold).to(z_q.dtype)
+        if self.config.query_prior != "none":
+            if cache.prior is None:
+                raise ValueError("this model needs the support prior latents: encode the support with this model")
+            x = torch.cat([x, cache.prior.to(x.dtype).expand(x.shape[0], -1, -1, -1)], dim=1)
+        x = self.conv_in_query(x)
         emb = cache.embedding
         if emb.shape[0] != x.shape[0]:
             emb = emb.expand(x.shape[0], -1, -1)
@@ -111,12 +136,28 @@ class SDFSMIS(nn.Module):
 
     # ---- training ----------------------------------------------------------------------------
     def loss(self, support_images, support_masks, query_images, query_masks) -> torch.Tensor:
-        """Episodes, 1 shot each, (B, 1, S, S) tensors -> MSE(predicted latent, query-mask latent)."""
+        """Episodes, 1 shot each, (B, 1, S, S) tensors -> MSE(predicted latent, query-mask latent).
+
+        With `config.mask_loss_weight` > 0, plus that weight times Dice + BCE of the decoded mask
+        (`mask_loss`): the frozen decoder passes gradients, so a small organ weighs as much as the
+        background that dominates the latent MSE.
+        """
         cache = self.support_branch(support_images, support_masks, groups=support_images.shape[0])
         pred = self.query_branch(query_images, cache)
         with torch.no_grad():
             target = self.encode(query_masks.to(query_images.dtype))
-        return F.mse_loss(pred.float(), target.float())
+        loss = F.mse_loss(pred.float(), target.float())
+        if self.config.mask_loss_weight > 0:
+            loss = loss + self.config.mask_loss_weight * mask_loss(self.decode_logits(pred), query_masks.float())
+        return loss
+
+    def decode_logits(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents (N, 4, s, s) -> mask logits (N, 1, S, S): MASK_LOGIT_SCALE * mean decoded channel.
+
+        Logit 0 is decoded value 0, i.e. 0.5 in `decode` (which clamps each channel to [-1, 1] first).
+        """
+        rgb = self.vae.decode(z.to(self.vae.dtype) / self.scaling_factor).sample
+        return MASK_LOGIT_SCALE * rgb.float().mean(dim=1, keepdim=True)
 
     # ---- inference ---------------------------------------------------------------------------
     def _autocast(self):
