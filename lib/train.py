@@ -38,6 +38,7 @@ from lib.model.sdfsmis import SDFSMIS
 from lib.transforms.augment import EpisodeAugment, resize_episode
 
 STAGES = ("sdfsmis", "vae")
+SCHEDULES = ("constant", "cosine")
 KL_WEIGHT = 1e-6  # VAE stage: KL term weight (as the SD autoencoders)
 
 
@@ -59,6 +60,7 @@ class TrainOptions:
     weight_decay: float | None = None
     grad_clip: float = 1.0
     warmup: int = 100                           # linear learning-rate warm-up, iterations
+    schedule: str = "constant"                  # after warm-up: constant [paper] | cosine (to 10% at the end)
     checkpoint_every: int = 500
     seed: int = 42
     device: str = "auto"                        # auto | cpu | cuda | cuda:N
@@ -69,6 +71,8 @@ class TrainOptions:
     exclude_labels: list | None = None          # Setting 2: ground-truth ids whose slices are dropped
     setting2_rule: str = "strict"               # strict | rpt
     merge: int = 0                              # grow episode regions by up to N neighbour supervoxels
+    vanish: float = 0.0                         # share of episodes where the region ends on the query slice
+    aug_strength: float = 1.0                   # geometric augmentation ranges x this (1 = RPT)
     log_every: int = 10
     threads: int | None = None                  # torch CPU threads (None = torch's default)
     progress_bar: bool = True
@@ -171,6 +175,18 @@ def latent_scaling_factor(model: SDFSMIS, batch: dict[str, torch.Tensor]) -> flo
     return float(1.0 / z.std().clamp_min(1e-6))
 
 
+def lr_factor(it: int, iterations: int, warmup: int, schedule: str = "constant") -> float:
+    """Learning-rate multiplier at iteration `it` (1-based): linear warm-up over `warmup` iterations,
+    then 1 (constant) or a cosine from 1 down to 0.1 at `iterations` (cosine)."""
+    if warmup > 0 and it < warmup:
+        return it / warmup
+    if schedule == "constant":
+        return 1.0
+    span = max(1, iterations - max(warmup, 0))
+    done = min(1.0, max(0.0, (it - max(warmup, 0)) / span))
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * done))
+
+
 # ---- the loop -----------------------------------------------------------------------------------
 def _build_or_resume(opts: TrainOptions, out: Path, device: torch.device):
     """-> (model, start iteration, resumed?)."""
@@ -225,6 +241,8 @@ def train(opts: TrainOptions, progress: Callable[[dict], None] | None = None,
     """Run (or resume) one training run; see the module docstring for the output layout."""
     if opts.stage not in STAGES:
         raise ValueError(f"unknown stage {opts.stage!r}: choose one of {', '.join(STAGES)}")
+    if opts.schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {opts.schedule!r}: choose one of {', '.join(SCHEDULES)}")
     if opts.setting2_rule not in SETTING2_RULES:
         raise ValueError(f"unknown Setting 2 rule {opts.setting2_rule!r}: choose one of {', '.join(SETTING2_RULES)}")
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -261,8 +279,9 @@ def train(opts: TrainOptions, progress: Callable[[dict], None] | None = None,
                                             progress=opts.progress_bar and rank == 0)
     sampler = EpisodeSampler(volumes, seed=opts.seed + start + 1000 * rank, labels=labels or None,
                              exclude_labels=opts.exclude_labels, setting2_rule=opts.setting2_rule,
-                             merge=opts.merge)
-    augment = EpisodeAugment(cfg.image_size, seed=opts.seed + 7 + start + 1000 * rank)
+                             merge=opts.merge, vanish=opts.vanish)
+    augment = EpisodeAugment(cfg.image_size, seed=opts.seed + 7 + start + 1000 * rank,
+                             strength=opts.aug_strength)
 
     model.train()
     groups = _param_groups(model, opts)
@@ -301,9 +320,9 @@ def train(opts: TrainOptions, progress: Callable[[dict], None] | None = None,
     t0, ema, loss_value, it, stopped = time.perf_counter(), None, float("nan"), start, False
     try:
         for it in range(start + 1, iterations + 1):
-            warm = min(1.0, it / opts.warmup) if opts.warmup > 0 else 1.0
+            factor = lr_factor(it, iterations, opts.warmup, opts.schedule)
             for g, lr in zip(optimizer.param_groups, base_lrs):
-                g["lr"] = lr * warm
+                g["lr"] = lr * factor
             batch = make_batch(sampler, augment, cfg.image_size, batch_size, device)
             loss = net(batch)
             optimizer.zero_grad(set_to_none=True)
@@ -366,6 +385,8 @@ def parse_args(argv=None) -> TrainOptions:
                          "(default: the model's config; mini 1.0, sd15 0 = the paper)")
     ap.add_argument("--grad-clip", type=float, default=1.0)
     ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--schedule", default="constant", choices=SCHEDULES,
+                    help="learning rate after warm-up: constant (the paper) or cosine down to 10%% at the last iteration")
     ap.add_argument("--checkpoint-every", type=int, default=500)
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -380,6 +401,10 @@ def parse_args(argv=None) -> TrainOptions:
     ap.add_argument("--merge", type=int, default=0,
                     help="grow each episode's supervoxel by up to N random neighbour supervoxels "
                          "(multi-scale regions; 0 = ADNet/RPT's single supervoxel)")
+    ap.add_argument("--vanish", type=float, default=0.0,
+                    help="share of episodes whose query slice is where the region ends (empty target); 0 = ADNet/RPT")
+    ap.add_argument("--aug-strength", type=float, default=1.0,
+                    help="multiply the geometric augmentation ranges (rotation, shear, translation, scale); 1 = RPT")
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a busy 2-core machine)")
     a = ap.parse_args(argv)
@@ -388,9 +413,9 @@ def parse_args(argv=None) -> TrainOptions:
         data=a.data, out=a.out, preset=a.preset, init=a.init, stage=a.stage, iterations=a.iterations,
         batch_size=a.batch_size, lr_unet=a.lr_unet, lr_new=a.lr_new, lr_vae=a.lr_vae, mask_loss_weight=a.mask_loss_weight,
         weight_decay=a.weight_decay,
-        grad_clip=a.grad_clip, warmup=a.warmup, checkpoint_every=a.checkpoint_every, seed=a.seed, device=a.device,
+        grad_clip=a.grad_clip, warmup=a.warmup, schedule=a.schedule, checkpoint_every=a.checkpoint_every, seed=a.seed, device=a.device,
         resume=a.resume, cache_dir=a.cache_dir, sd_path=a.sd_path, dino_path=a.dino_path, exclude_labels=exclude,
-        setting2_rule=a.setting2_rule, merge=a.merge, log_every=a.log_every, threads=a.threads,
+        setting2_rule=a.setting2_rule, merge=a.merge, vanish=a.vanish, aug_strength=a.aug_strength, log_every=a.log_every, threads=a.threads,
     )
 
 

@@ -111,3 +111,40 @@ def test_merge_grows_connected_multi_supervoxel_regions():
     assert 1 in sizes and max(sizes) > 1
     with pytest.raises(ValueError, match="merge"):
         EpisodeSampler([(image, sv)], merge=-1)
+
+
+def test_augmentation_strength_scales_the_geometric_ranges():
+    weak, strong = EpisodeAugment(64, seed=0), EpisodeAugment(64, seed=0, strength=2.0)
+    w, s = weak.geometric.rand_affine_grid, strong.geometric.rand_affine_grid
+    assert w.translate_range == (1.25, 1.25) and s.translate_range == (2.5, 2.5)      # 5 px at 256 -> 64 px
+    assert s.rotate_range[0] == pytest.approx(2 * w.rotate_range[0])
+    assert np.allclose(s.scale_range, 2 * np.asarray(w.scale_range))
+    with pytest.raises(ValueError, match="strength"):
+        EpisodeAugment(64, strength=-1)
+
+
+def test_vanish_episodes_pair_a_region_with_the_slice_where_it_ends():
+    from lib.data.episodes import ending_pairs
+
+    image, sv, _ = _sv_volume()
+    # supervoxel 1: absent from slice 0 (ends there); 100 px in slice 7 is neither >= 200 nor < 50
+    assert ending_pairs(sv).tolist() == [[1, 1, 0]]
+    sv2 = sv.copy()
+    sv2[:, :, 9][sv2[:, :, 9] == 4] = 0
+    sv2[40, 40, 9] = 4                                   # 1 px left of supervoxel 4 on slice 9: ends
+    assert ending_pairs(sv2).tolist() == [[1, 1, 0], [4, 8, 9]]
+    excluded = np.zeros(10, bool)
+    excluded[0] = True
+    assert ending_pairs(sv2, excluded=excluded).tolist() == [[4, 8, 9]]
+    sampler = EpisodeSampler([(image, sv2)], seed=2, vanish=0.5)
+    kinds = set()
+    for _ in range(40):
+        ep = sampler.sample()
+        zs, zq = ep["slices"]
+        ending = ep["query_mask"].sum() * 4 < 200
+        kinds.add(ending)
+        if ending:
+            assert (ep["supervoxel"], zs, zq) in {(1, 1, 0), (4, 8, 9)} and ep["support_mask"].sum() >= 200
+    assert kinds == {True, False}
+    with pytest.raises(ValueError, match="vanish"):
+        EpisodeSampler([(image, sv)], vanish=1.0)

@@ -45,11 +45,11 @@ def test_fast_path_equals_naive_loop(model, channels_last):
     enable_fast(model, channels_last=channels_last)
     fast = model.segment(query, s_img, s_mask, batch_size=2, return_probs=True)   # batches of 2 + 1 slices
     assert fast.shape == naive.shape == (3, s, s)
-    torch.testing.assert_close(fast, naive, rtol=0, atol=1e-4)
+    torch.testing.assert_close(fast, naive, rtol=0, atol=5e-4)   # channels-last reorders float sums
     # a threshold that splits the random-weight output into two real classes makes the mask check bite
     thr = float(naive.median())
     assert 0 < (naive > thr).float().mean() < 1
-    margin = (naive - thr).abs() > 1e-4                      # pixels not within float noise of the threshold
+    margin = (naive - thr).abs() > 5e-4                      # pixels not within float noise of the threshold
     assert torch.equal((fast > thr)[margin], (naive > thr)[margin])
     assert torch.equal(model.segment(query, s_img, s_mask, batch_size=2), fast > model.config.threshold)
 

@@ -267,3 +267,24 @@ def test_support_mask_prior_reaches_the_query_branch(model):
     with pytest.raises(ValueError, match="prior latents"):
         model.predict(img, dataclasses.replace(cache, prior=None))
     assert cache.to(dtype=torch.float16).prior.dtype == torch.float16
+
+
+def test_prior_residual_starts_as_a_copy_of_the_support_mask():
+    """tiny/mini: the UNet output is added to z_s^M and its output conv starts at zero, so a fresh
+    network predicts the support-mask latent itself (the `copy` baseline); training learns the correction."""
+    torch.manual_seed(3)
+    fresh = build_model("tiny").eval()
+    assert fresh.config.prior_residual and not fresh.unet.conv_out.weight.any()
+    img, mask = _episode(3, fresh.config.image_size, seed=7)
+    cache = fresh.encode_support(img[:1], mask[:1])
+    with torch.no_grad():
+        latents = fresh.query_branch(img, cache)
+        torch.testing.assert_close(latents, fresh.encode(mask[:1]).expand(3, -1, -1, -1), rtol=1e-5, atol=1e-6)
+        fresh.unet.conv_out.bias.fill_(0.5)                      # a non-zero UNet output is added on top
+        torch.testing.assert_close(fresh.query_branch(img, cache), latents + 0.5, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="query_prior"):
+        cfg = dataclasses.replace(fresh.config, query_prior="none")
+        from diffusers import UNet2DConditionModel
+
+        from lib.model.sdfsmis import SDFSMIS
+        SDFSMIS(cfg, UNet2DConditionModel.from_config(cfg.unet), fresh.vae, fresh.vtct.encoder)

@@ -36,8 +36,11 @@ def test_a_few_iterations_lower_the_loss_on_a_fixed_batch():
     s = model.config.image_size
     yy, xx = torch.meshgrid(torch.arange(s), torch.arange(s), indexing="ij")
     mask = (((yy - 30) ** 2 + (xx - 28) ** 2) < 150).float()[None, None].repeat(2, 1, 1, 1)
+    moved = (((yy - 36) ** 2 + (xx - 34) ** 2) < 200).float()[None, None].repeat(2, 1, 1, 1)
     image = 0.3 + 0.5 * mask + 0.05 * torch.rand(2, 1, s, s)
-    batch = {"support_image": image, "support_mask": mask, "query_image": image, "query_mask": mask}
+    query = 0.3 + 0.5 * moved + 0.05 * torch.rand(2, 1, s, s)
+    # the query's disc moved and grew: not solved by the support-mask prior that tiny starts from
+    batch = {"support_image": image, "support_mask": mask, "query_image": query, "query_mask": moved}
     net = EpisodeLoss(model)
     opt = torch.optim.AdamW(_param_groups(model, TrainOptions(preset="tiny")))
     losses = []
@@ -144,3 +147,15 @@ def test_sdfsmis_stage_takes_only_the_vae_of_a_vae_stage_run(dataset, tmp_path):
     assert model.config.mask_loss_weight == 0.5 and model.config.query_prior == "image+mask"  # the tiny preset
     with pytest.raises(ValueError, match="preset"):
         train(_opts(dataset, tmp_path / "bad", tmp_path, iterations=1, init=str(vae_run.model_dir), preset="mini"))
+
+
+def test_learning_rate_schedule_warms_up_then_decays_by_cosine():
+    from lib.train import lr_factor
+
+    assert [lr_factor(i, 100, 10) for i in (1, 5, 10, 50, 100)] == [0.1, 0.5, 1.0, 1.0, 1.0]
+    cos = [lr_factor(i, 110, 10, "cosine") for i in range(1, 111)]
+    assert cos[4] == 0.5 and cos[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(cos[9:], cos[10:]))                 # decays monotonically
+    assert cos[59] == pytest.approx(0.55) and cos[-1] == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="schedule"):
+        train(TrainOptions(data=["x"], schedule="linear"))

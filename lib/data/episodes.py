@@ -8,6 +8,11 @@ Multi-scale regions (`merge` > 0, not in ADNet/RPT): half of the episodes keep t
 the other half grow it by m ~ U{1..merge} supervoxels, each a random in-slice neighbour of the region so far (on the support slice), and both
 masks are that union, so that episodes also show organ-sized regions (a liver spans many supervoxels).
 
+Ending regions (`vanish` > 0, not in ADNet/RPT): that share of the episodes pairs a slice where a
+supervoxel covers >= `min_area` px with an adjacent slice where it (nearly) ends, < min_area / 4 px;
+the query mask is then (nearly) empty, so the network learns that an organ can stop, as it does at
+both ends of its extent (always-present pairs teach it to copy the support forever).
+
 Setting 2 (no exposure to the test organs) removes training slices using ground-truth labels:
 - `strict`: drop every slice that contains ANY test organ (the stated intent of Setting 2);
 - `rpt`:    drop only slices that contain ALL test organs at once, which is what RPT's (and ADNet's)
@@ -93,6 +98,23 @@ def valid_pairs(supervoxels, min_area: int = MIN_AREA, excluded=None) -> np.ndar
     return rows
 
 
+def ending_pairs(supervoxels, min_area: int = MIN_AREA, excluded=None) -> np.ndarray:
+    """int64 (N, 3) rows (supervoxel id, support z, query z): adjacent slices where the id covers
+    >= `min_area` px on the support slice and < min_area / 4 px (possibly none) on the query slice;
+    neither slice `excluded`. Sorted by id, then support z."""
+    areas = slice_areas(supervoxels)[1:]
+    ok, gone = areas >= min_area, areas * 4 < min_area
+    if excluded is not None:
+        keep = ~np.asarray(excluded, dtype=bool)[None, :]
+        ok, gone = ok & keep, gone & keep
+    up = np.argwhere(ok[:, :-1] & gone[:, 1:])          # support z, query z + 1
+    down = np.argwhere(gone[:, :-1] & ok[:, 1:])        # support z + 1, query z
+    rows = np.concatenate([np.stack([up[:, 0], up[:, 1], up[:, 1] + 1], 1),
+                           np.stack([down[:, 0], down[:, 1] + 1, down[:, 1]], 1)]).astype(np.int64)
+    rows[:, 0] += 1
+    return rows[np.lexsort((rows[:, 1], rows[:, 0]))] if len(rows) else rows.reshape(0, 3)
+
+
 class EpisodeSampler:
     """Draws episodes from supervoxel pseudo-labels; deterministic for a seed.
 
@@ -103,6 +125,7 @@ class EpisodeSampler:
         ground-truth volumes (H, W, Z) or callables, aligned with `volumes`.
 
     merge: grow each region by up to this many neighbouring supervoxels (module doc; 0 = ADNet/RPT).
+    vanish: share of episodes whose query slice is where the supervoxel ends (module doc; 0 = ADNet/RPT).
 
     `sample()` returns a dict: support_image, support_mask, query_image, query_mask (each float32
     (H, W); masks in {0, 1}), volume_index, supervoxel, region (the supervoxel ids of the masks),
@@ -119,6 +142,7 @@ class EpisodeSampler:
         setting2_rule: str = "strict",
         max_loaded: int | None = None,
         merge: int = 0,
+        vanish: float = 0.0,
     ):
         self._items = list(volumes)
         if not self._items:
@@ -133,6 +157,10 @@ class EpisodeSampler:
         if merge < 0:
             raise ValueError(f"merge must be >= 0, got {merge}")
         self.merge = int(merge)
+        if not 0.0 <= vanish < 1.0:
+            raise ValueError(f"vanish must be in [0, 1), got {vanish}")
+        self.vanish = float(vanish)
+        self._endings: list[np.ndarray] = []  # (M_v, 3) (supervoxel id, support z, query z) per volume
         self.setting2_rule = setting2_rule
         self.exclude_labels = None if exclude_labels is None else [int(c) for c in exclude_labels]
         self._max_loaded = max_loaded
@@ -154,6 +182,7 @@ class EpisodeSampler:
                     raise ValueError(f"volume {v}: label shape {lab.shape} differs from supervoxels {sv.shape}")
                 excl = excluded_slices(lab, self.exclude_labels, setting2_rule)
             cands = valid_pairs(sv, self.min_area, excl)
+            self._endings.append(ending_pairs(sv, self.min_area, excl) if self.vanish else np.zeros((0, 3), np.int64))
             ids, start, count = np.unique(cands[:, 0], return_index=True, return_counts=True)
             self.excluded.append(excl)
             self._cands.append(cands)
@@ -161,6 +190,7 @@ class EpisodeSampler:
             self._sv_start.append(start)
             self._sv_count.append(count)
         self._usable = np.array([v for v in range(len(self._items)) if len(self._cands[v])], dtype=np.int64)
+        self._ending_vols = np.array([v for v in range(len(self._items)) if len(self._endings[v])], dtype=np.int64)
         if not len(self._usable):
             raise ValueError(
                 f"no supervoxel covers >= {self.min_area} px in two adjacent (non-excluded) slices of any volume"
@@ -193,6 +223,8 @@ class EpisodeSampler:
 
     def sample(self) -> dict:
         """One episode (see class doc)."""
+        if self.vanish and len(self._ending_vols) and self.rng.random() < self.vanish:
+            return self._ending_episode()
         v = int(self.rng.choice(self._usable))
         j = int(self.rng.integers(len(self._sv_ids[v])))
         k = int(self._sv_ids[v][j])
@@ -211,6 +243,22 @@ class EpisodeSampler:
             "volume_index": v,
             "supervoxel": k,
             "region": region,
+            "slices": (zs, zq),
+        }
+
+    def _ending_episode(self) -> dict:
+        """A single supervoxel on its last slice (support) and the adjacent slice where it ends (query)."""
+        v = int(self.rng.choice(self._ending_vols))
+        k, zs, zq = (int(x) for x in self._endings[v][self.rng.integers(len(self._endings[v]))])
+        image, sv = self._volume(v)
+        return {
+            "support_image": np.asarray(image[:, :, zs], dtype=np.float32),
+            "support_mask": (sv[:, :, zs] == k).astype(np.float32),
+            "query_image": np.asarray(image[:, :, zq], dtype=np.float32),
+            "query_mask": (sv[:, :, zq] == k).astype(np.float32),
+            "volume_index": v,
+            "supervoxel": k,
+            "region": [k],
             "slices": (zs, zq),
         }
 

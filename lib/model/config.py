@@ -31,6 +31,7 @@ class SDFSMISConfig:
     batch_size: int = 1            # training episodes per step [1]
     iterations: int = 15000        # training iterations [15k]
     query_prior: str = "none"      # support latents also fed to the query branch: none [paper] | mask | image+mask
+    prior_residual: bool = False   # predict a correction added to the support-mask latent (needs a query_prior)
     mask_loss_weight: float = 0.0  # weight of Dice + BCE on the decoded query mask (0: latent MSE only [paper])
     sources: dict[str, Any] = field(default_factory=dict)  # where pretrained parts came from
 

@@ -64,7 +64,7 @@ PRESETS: dict[str, SDFSMISConfig] = {
         dino=dict(DINOV2_SMALL, hidden_size=96, num_hidden_layers=4, num_attention_heads=3, image_size=112),
         image_size=128, dino_size=112, n_tokens=4, vtct_hidden=256, train_encoder=True,
         lr_unet=3e-4, lr_new=3e-4, batch_size=4, iterations=2500, mask_loss_weight=1.0,
-        query_prior="image+mask",
+        query_prior="image+mask", prior_residual=True,
     ),
     # Smallest widths, 64x64 inputs: for tests only.
     "tiny": SDFSMISConfig(
@@ -72,7 +72,7 @@ PRESETS: dict[str, SDFSMISConfig] = {
         dino=dict(DINOV2_SMALL, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, image_size=56),
         image_size=64, dino_size=56, n_tokens=2, vtct_hidden=32, train_encoder=True,
         lr_unet=1e-3, lr_new=1e-3, batch_size=2, iterations=20, mask_loss_weight=1.0,
-        query_prior="image+mask",
+        query_prior="image+mask", prior_residual=True,
     ),
 }
 

@@ -45,6 +45,12 @@ class SDFSMIS(nn.Module):
         if config.query_prior not in QUERY_PRIORS:
             raise ValueError(f"query_prior {config.query_prior!r}: choose one of {' | '.join(QUERY_PRIORS)}")
         self.conv_in_query = widen_conv_in(unet.conv_in, 2 + QUERY_PRIORS.index(config.query_prior))
+        if config.prior_residual:
+            # the UNet predicts a correction of the support-mask latent; zero output conv: starts as a copy
+            if config.query_prior == "none":
+                raise ValueError("prior_residual needs a query_prior ('mask' or 'image+mask')")
+            nn.init.zeros_(unet.conv_out.weight)
+            nn.init.zeros_(unet.conv_out.bias)
         unet.conv_in = nn.Identity()                            # each branch applies its own conv first
         unet.register_to_config(in_channels=2 * latent_channels)
         self.sii_blocks = len(add_sii(unet))
@@ -121,7 +127,10 @@ class SDFSMIS(nn.Module):
         return x.reshape(groups, -1, *x.shape[1:]).mean(dim=1)
 
     def query_branch(self, images: torch.Tensor, cache: SupportCache) -> torch.Tensor:
-        """Query images (B, 1, S, S) + cache of 1 or B supports -> predicted mask latents (B, 4, s, s)."""
+        """Query images (B, 1, S, S) + cache of 1 or B supports -> predicted mask latents (B, 4, s, s).
+
+        With `config.prior_residual` the UNet output is added to the support-mask latent z_s^M (prior).
+        """
         z_q = self.encode(images)
         x = enhance_query(cache.prototype, z_q, self.config.qe_threshold).to(z_q.dtype)
         if self.config.query_prior != "none":
@@ -132,7 +141,10 @@ class SDFSMIS(nn.Module):
         emb = cache.embedding
         if emb.shape[0] != x.shape[0]:
             emb = emb.expand(x.shape[0], -1, -1)
-        return self._unet(x, emb, SIIContext("inject", cache.tokens))
+        out = self._unet(x, emb, SIIContext("inject", cache.tokens))
+        if self.config.prior_residual:
+            out = out + cache.prior[:, :out.shape[1]].to(out.dtype)   # z_s^M comes first in the prior
+        return out
 
     # ---- training ----------------------------------------------------------------------------
     def loss(self, support_images, support_masks, query_images, query_masks) -> torch.Tensor:

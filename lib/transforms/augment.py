@@ -37,16 +37,22 @@ class EpisodeAugment:
       ±5 px (at 256 px; scaled with the slice size), scale 0.9-1.2, and an elastic deformation
       (MONAI Rand2DElastic control-point field), the mask warped with nearest neighbour and
       re-binarised.
+
+    strength: multiplies the rotation, shear, translation and scale ranges (1 = RPT). Larger values
+    teach the network to correct larger support/query misalignment (cross-volume supports).
     """
 
-    def __init__(self, size: int, seed: int = 0, gamma: tuple[float, float] = (0.5, 1.5)):
-        shift = 5.0 * size / 256
-        shear = math.tan(math.radians(5))
+    def __init__(self, size: int, seed: int = 0, gamma: tuple[float, float] = (0.5, 1.5), strength: float = 1.0):
+        if not 0 <= strength <= 4:
+            raise ValueError(f"augmentation strength must be in [0, 4], got {strength}")
+        shift = 5.0 * size / 256 * strength
+        shear = math.tan(math.radians(5 * strength))
+        scale = ((-0.1 * strength, 0.2 * strength),) * 2
         self.gamma = RandAdjustContrast(prob=1.0, gamma=gamma)
         self.geometric = Rand2DElastic(
             spacing=(max(4, size // 8),) * 2, magnitude_range=(0.0, 1.0), prob=1.0,
-            rotate_range=math.radians(5), shear_range=(shear, shear), translate_range=(shift, shift),
-            scale_range=((-0.1, 0.2), (-0.1, 0.2)), padding_mode="zeros",
+            rotate_range=math.radians(5 * strength), shear_range=(shear, shear), translate_range=(shift, shift),
+            scale_range=scale, padding_mode="zeros",
         )
         self.rng = np.random.default_rng(seed)
         self.set_random_state(seed)
