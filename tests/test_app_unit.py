@@ -230,6 +230,30 @@ def test_sample_study_layout(tmp_path):
     assert image.header.get_zooms() == (1.5, 1.5, 5.0)
 
 
+
+def test_the_shipped_model_is_served_by_default(tmp_path, monkeypatch):
+    """apps/sdfsmis/model: a trained mini checkpoint (safetensors, <= 50 MB) that the app picks when
+    neither a preset, a checkpoint nor SD v1.5 weights are configured, and that trained on images only."""
+    from pathlib import Path
+
+    from lib.model import load_checkpoint, read_meta
+
+    monkeypatch.delenv("SDFSMIS_SD_PATH", raising=False)
+    app = Path(__file__).resolve().parents[1] / "apps" / "sdfsmis"
+    files = sorted((app / "model").glob("*.*"))
+    assert {f.name for f in files} >= {"model.safetensors", "config.json", "README.md"}
+    assert sum(f.stat().st_size for f in files) <= 50 * 2 ** 20
+    src = choose_source(parse_conf({"train_dir": str(tmp_path / "t")}), app)
+    assert (src.kind, src.preset, src.trained) == ("embedded", "mini", True)
+    assert choose_source(parse_conf({"preset": "mini", "train_dir": str(tmp_path / "t")}), app).kind == "embedded"
+    meta = read_meta(app / "model")
+    extra = meta["extra"]
+    assert extra["stage"] == "sdfsmis" and extra["iteration"] > 0
+    assert extra["options"]["exclude_labels"] is None          # Setting-2 exclusion would have read labels
+    model = load_checkpoint(app / "model")
+    assert model.config.prior_residual and model.unet.conv_out.weight.abs().sum() > 0   # trained, not fresh
+
+
 # ---- chained propagation -----------------------------------------------------------------------
 def test_chain_walks_outward_and_stops_where_the_organ_ends():
     from lib.model.chain import chain_segment

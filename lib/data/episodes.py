@@ -115,6 +115,20 @@ def ending_pairs(supervoxels, min_area: int = MIN_AREA, excluded=None) -> np.nda
     return rows[np.lexsort((rows[:, 1], rows[:, 0]))] if len(rows) else rows.reshape(0, 3)
 
 
+def _episode(image, sv, v: int, k: int, region: list[int], zs: int, zq: int) -> dict:
+    """The episode dict (EpisodeSampler doc): slices zs (support) and zq (query), masks = `region` ids."""
+    return {
+        "support_image": np.asarray(image[:, :, zs], dtype=np.float32),
+        "support_mask": np.isin(sv[:, :, zs], region).astype(np.float32),
+        "query_image": np.asarray(image[:, :, zq], dtype=np.float32),
+        "query_mask": np.isin(sv[:, :, zq], region).astype(np.float32),
+        "volume_index": v,
+        "supervoxel": k,
+        "region": region,
+        "slices": (zs, zq),
+    }
+
+
 class EpisodeSampler:
     """Draws episodes from supervoxel pseudo-labels; deterministic for a seed.
 
@@ -235,32 +249,14 @@ class EpisodeSampler:
         if self.merge:
             steps = 0 if self.rng.random() < 0.5 else int(self.rng.integers(1, self.merge + 1))
             region = grow_region(sv[:, :, zs], k, steps, self.rng)
-        return {
-            "support_image": np.asarray(image[:, :, zs], dtype=np.float32),
-            "support_mask": np.isin(sv[:, :, zs], region).astype(np.float32),
-            "query_image": np.asarray(image[:, :, zq], dtype=np.float32),
-            "query_mask": np.isin(sv[:, :, zq], region).astype(np.float32),
-            "volume_index": v,
-            "supervoxel": k,
-            "region": region,
-            "slices": (zs, zq),
-        }
+        return _episode(image, sv, v, k, region, zs, zq)
 
     def _ending_episode(self) -> dict:
         """A single supervoxel on its last slice (support) and the adjacent slice where it ends (query)."""
         v = int(self.rng.choice(self._ending_vols))
         k, zs, zq = (int(x) for x in self._endings[v][self.rng.integers(len(self._endings[v]))])
         image, sv = self._volume(v)
-        return {
-            "support_image": np.asarray(image[:, :, zs], dtype=np.float32),
-            "support_mask": (sv[:, :, zs] == k).astype(np.float32),
-            "query_image": np.asarray(image[:, :, zq], dtype=np.float32),
-            "query_mask": (sv[:, :, zq] == k).astype(np.float32),
-            "volume_index": v,
-            "supervoxel": k,
-            "region": [k],
-            "slices": (zs, zq),
-        }
+        return _episode(image, sv, v, k, [k], zs, zq)
 
     __call__ = sample
 
