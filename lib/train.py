@@ -60,6 +60,7 @@ class TrainOptions:
     weight_decay: float | None = None
     grad_clip: float = 1.0
     warmup: int = 100                           # linear learning-rate warm-up, iterations
+    stop_at: int | None = None                  # end (and publish) after this iteration; the schedule keeps `iterations`
     schedule: str = "constant"                  # after warm-up: constant [paper] | cosine (to 10% at the end)
     checkpoint_every: int = 500
     seed: int = 42
@@ -345,7 +346,7 @@ def train(opts: TrainOptions, progress: Callable[[dict], None] | None = None,
                 log.flush()
             if progress is not None:
                 progress(info)
-            stop = bool(should_stop and should_stop())
+            stop = bool(should_stop and should_stop()) or (opts.stop_at is not None and it >= opts.stop_at)
             if it % opts.checkpoint_every == 0 or it == iterations or stop:
                 publish(it, ema)
             if stop:
@@ -385,6 +386,8 @@ def parse_args(argv=None) -> TrainOptions:
                          "(default: the model's config; mini 1.0, sd15 0 = the paper)")
     ap.add_argument("--grad-clip", type=float, default=1.0)
     ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--stop-at", type=int, metavar="N",
+                    help="stop after iteration N (published), with the learning-rate schedule still planned for --iterations")
     ap.add_argument("--schedule", default="constant", choices=SCHEDULES,
                     help="learning rate after warm-up: constant (the paper) or cosine down to 10%% at the last iteration")
     ap.add_argument("--checkpoint-every", type=int, default=500)
@@ -413,7 +416,7 @@ def parse_args(argv=None) -> TrainOptions:
         data=a.data, out=a.out, preset=a.preset, init=a.init, stage=a.stage, iterations=a.iterations,
         batch_size=a.batch_size, lr_unet=a.lr_unet, lr_new=a.lr_new, lr_vae=a.lr_vae, mask_loss_weight=a.mask_loss_weight,
         weight_decay=a.weight_decay,
-        grad_clip=a.grad_clip, warmup=a.warmup, schedule=a.schedule, checkpoint_every=a.checkpoint_every, seed=a.seed, device=a.device,
+        grad_clip=a.grad_clip, warmup=a.warmup, schedule=a.schedule, stop_at=a.stop_at, checkpoint_every=a.checkpoint_every, seed=a.seed, device=a.device,
         resume=a.resume, cache_dir=a.cache_dir, sd_path=a.sd_path, dino_path=a.dino_path, exclude_labels=exclude,
         setting2_rule=a.setting2_rule, merge=a.merge, vanish=a.vanish, aug_strength=a.aug_strength, log_every=a.log_every, threads=a.threads,
     )

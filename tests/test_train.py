@@ -159,3 +159,16 @@ def test_learning_rate_schedule_warms_up_then_decays_by_cosine():
     assert cos[59] == pytest.approx(0.55) and cos[-1] == pytest.approx(0.1)
     with pytest.raises(ValueError, match="schedule"):
         train(TrainOptions(data=["x"], schedule="linear"))
+
+
+def test_stop_at_ends_early_on_the_full_schedule(dataset, tmp_path):
+    res = train(_opts(dataset, tmp_path / "run", tmp_path, iterations=6, stop_at=2, schedule="cosine",
+                      warmup=0, log_every=1, checkpoint_every=100))
+    assert res.stopped and res.iterations_done == 2
+    assert read_meta(res.model_dir)["extra"]["iteration"] == 2
+    lines = [json.loads(x) for x in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    from lib.train import lr_factor
+
+    base = build_model("tiny").config.lr_unet
+    assert [x["iteration"] for x in lines] == [1, 2]
+    assert lines[-1]["lr"][0] == pytest.approx(base * lr_factor(2, 6, 0, "cosine"))   # planned for 6, not 2
