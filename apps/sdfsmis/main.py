@@ -41,8 +41,8 @@ class SDFSMISApp(MONAILabelApp):
             logger.error(f"SD-FSMIS app cannot start: {err}")
             raise
         logger.info(f"SD-FSMIS model choice: {self.store.source.describe()} (device {self.store.device})")
-        card = Path(self.store.source.folder or "") / "README.md"
-        if self.store.source.folder and card.is_file():
+        card = Path(self.store.source.folder) / "README.md" if self.store.source.folder else None
+        if card is not None and card.is_file():
             logger.info(f"SD-FSMIS model card (training data, evaluation, limits): {card}")
         super().__init__(
             app_dir=app_dir,

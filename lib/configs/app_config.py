@@ -63,13 +63,19 @@ def _choice(key: str, value: str, choices) -> str:
     return v
 
 
+def parse_bool(value) -> bool | None:
+    """true/false, 1/0, yes/no, on/off (any case) or a bool -> bool; anything else -> None."""
+    if isinstance(value, bool):
+        return value
+    v = str(value).strip().lower()
+    return True if v in TRUE else False if v in FALSE else None
+
+
 def _bool(key: str, value: str) -> bool:
-    v = value.strip().lower()
-    if v in TRUE:
-        return True
-    if v in FALSE:
-        return False
-    raise ConfError(f"--conf {key} {value!r} is not valid: choose one of true | false")
+    parsed = parse_bool(value)
+    if parsed is None:
+        raise ConfError(f"--conf {key} {value!r} is not valid: choose one of true | false")
+    return parsed
 
 
 def _int(key: str, value: str, low: int = 1) -> int:

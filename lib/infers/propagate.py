@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from lib.model.chain import chain_segment
-from lib.model.sdfsmis import resize_slices
+from lib.model.sdfsmis import resize_mask, resize_slices
 from lib.transforms import normalize_volume
 
 MERGE_RULES = ("probability", "order")
@@ -180,8 +180,7 @@ def propagate(
                 paint(value, targets, np.moveaxis(probs[targets - lo], 0, -1))
                 continue
             s_img = resize_slices(_slices(support, z_s), size)
-            s_mask = resize_slices(_slices(mask, z_s).astype(np.float32), size)
-            s_mask = (s_mask > 0.5) if (s_mask > 0.5).any() else (s_mask > 0)  # keep tiny organs after shrinking
+            s_mask = resize_mask(_slices(mask, z_s).astype(np.float32), size)
             cache = model.encode_support(s_img, s_mask.float())
             for i in range(0, targets.size, step):
                 zs = targets[i:i + step]

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
-from lib.configs.app_config import FALSE, TRUE, AppConfig
+from lib.configs.app_config import AppConfig, parse_bool
 from lib.infers.errors import bad_request
 from lib.infers.model_store import ModelStore
 from lib.infers.propagate import MERGE_RULES, AnnotationError, propagate
@@ -43,12 +43,10 @@ def _flag(request: dict, key: str, default: bool) -> bool:
     value = request.get(key)
     if value is None or value == "":
         return default
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in TRUE or text in FALSE:
-        return text in TRUE
-    raise bad_request(f"{key} {value!r} is not valid: use true or false")
+    parsed = parse_bool(value)
+    if parsed is None:
+        raise bad_request(f"{key} {value!r} is not valid: use true or false")
+    return parsed
 
 
 def ignored_values(request: dict) -> list[int]:

@@ -10,16 +10,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from lib.model.sdfsmis import resize_slices
+from lib.model.sdfsmis import resize_mask, resize_slices
 
 
 @torch.inference_mode()
-def chain_segment(model, slices, start: int, start_mask, stop: tuple[int, int] | None = None,
-                  threshold: float | None = None, min_pixels: int = 1) -> tuple[np.ndarray, np.ndarray]:
+def chain_segment(model, slices, start: int, start_mask, threshold: float | None = None,
+                  min_pixels: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Walk from slice `start` (annotated with `start_mask`) outward in both directions.
 
     slices: (N, H, W) in [0, 1], consecutive slices of one volume in order; start_mask: (H, W).
-    stop: (first, last) slice indices the walk may reach (default: all N).
     A step whose mask has fewer than `min_pixels` pixels (at network size) ends that direction.
     Returns (masks bool (N, H, W), probabilities float32 (N, H, W)); row `start` is `start_mask`,
     rows never reached are empty with probability 0.
@@ -35,18 +34,16 @@ def chain_segment(model, slices, start: int, start_mask, stop: tuple[int, int] |
         raise ValueError(f"start_mask {tuple(seed.shape)} differs from the slice size {(h, w)}")
     if not (seed > 0.5).any():
         raise ValueError("the start mask is empty: annotate the organ on the start slice")
-    first, last = (0, n - 1) if stop is None else (max(0, stop[0]), min(n - 1, stop[1]))
     size = model.config.image_size
     thr = float(model.config.threshold if threshold is None else threshold)
     small = resize_slices(vol, size)                                       # (N, 1, S, S)
-    seed_small = resize_slices(seed[None], size)
-    seed_small = (seed_small > 0.5) if (seed_small > 0.5).any() else (seed_small > 0)
+    seed_small = resize_mask(seed[None], size)
     probs = torch.zeros(n, h, w)
     probs[start] = (seed > 0.5).float()
     for step in (1, -1):
         mask = seed_small.float()
         z = start + step
-        while first <= z <= last:
+        while 0 <= z < n:
             cache = model.encode_support(small[z - step:z - step + 1], mask)
             p = model.predict(small[z:z + 1], cache).float().cpu()         # (1, 1, S, S)
             mask = (p > thr).float()

@@ -94,8 +94,11 @@ class SDFSMIS(nn.Module):
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Latents (N, 4, s, s) -> mask probability (N, 1, S, S): clamp, [0, 1], mean of 3 channels."""
-        rgb = self.vae.decode(z.to(self.vae.dtype) / self.scaling_factor).sample
-        return ((rgb.float().clamp(-1, 1) + 1) / 2).mean(dim=1, keepdim=True)
+        return ((self._decode_rgb(z).clamp(-1, 1) + 1) / 2).mean(dim=1, keepdim=True)
+
+    def _decode_rgb(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents (N, 4, s, s) -> the VAE decoder's float output (N, 3, S, S), about [-1, 1]."""
+        return self.vae.decode(z.to(self.vae.dtype) / self.scaling_factor).sample.float()
 
     def _unet(self, x: torch.Tensor, embedding: torch.Tensor, ctx: SIIContext) -> torch.Tensor:
         t = self.timestep.expand(x.shape[0])
@@ -168,8 +171,7 @@ class SDFSMIS(nn.Module):
 
         Logit 0 is decoded value 0, i.e. 0.5 in `decode` (which clamps each channel to [-1, 1] first).
         """
-        rgb = self.vae.decode(z.to(self.vae.dtype) / self.scaling_factor).sample
-        return MASK_LOGIT_SCALE * rgb.float().mean(dim=1, keepdim=True)
+        return MASK_LOGIT_SCALE * self._decode_rgb(z).mean(dim=1, keepdim=True)
 
     # ---- inference ---------------------------------------------------------------------------
     def _autocast(self):
@@ -234,6 +236,13 @@ def _as_slices(x, name: str) -> torch.Tensor:
     if t.ndim != 3:
         raise ValueError(f"{name} must be (N, H, W) slices, got shape {tuple(t.shape)}")
     return t[:, None]
+
+
+def resize_mask(mask, size) -> torch.Tensor:
+    """(N, H, W) or (N, 1, H, W) binary mask -> bool (N, 1, *size): > 0.5 after `resize_slices`, or any
+    coverage at all when that leaves nothing (a tiny organ must survive the shrink to network size)."""
+    small = resize_slices(mask, size)
+    return (small > 0.5) if (small > 0.5).any() else (small > 0)
 
 
 def resize_slices(x, size) -> torch.Tensor:
