@@ -33,11 +33,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--organs", help="e.g. 'liver=1,spleen=4' or 'liver,spleen' (default: liver, spleen, LK, RK)")
     p.add_argument("--method", choices=METHODS, default="sdfsmis")
     p.add_argument("--chain", action="store_true",
-                   help="sdfsmis, propagation mode: segment slice by slice outward from the annotated slice, "
-                        "each result the next support (lib.model.chain)")
+                   help="sdfsmis and registration, propagation mode: segment slice by slice outward from the "
+                        "annotated slice, each result the next support (lib.model.chain) or moving mask")
     p.add_argument("--all-components", action="store_true",
                    help="sdfsmis: keep every predicted blob (default: the largest connected component per "
                         "organ and support group)")
+    p.add_argument("--gate", action="store_true",
+                   help="any method: keep only predicted pixels in the intensity range of the support's organ, and "
+                        "drop slices where little is left (lib.transforms.postprocess.intensity_gate)")
     p.add_argument("--checkpoint", help="SD-FSMIS checkpoint folder; '{fold}' is replaced by the fold number")
     p.add_argument("--preset", help="build an untrained model of this preset instead of a checkpoint (smoke runs)")
     p.add_argument("--server", metavar="URL", help="run through a MONAI Label app's 'sdfsmis' infer task")
@@ -86,18 +89,24 @@ def _method_factory(args, dataset_name: str):
         return (lambda fold: method), False
     if args.method == "copy":
         method = CopyMethod()
+        method.gate = args.gate
         return (lambda fold: method), False
     if args.method == "registration":
-        method = RegistrationMethod(threads=args.threads)
+        method = RegistrationMethod(threads=args.threads, chain=args.chain)
+        method.gate = args.gate
         return (lambda fold: method), False
     if bool(args.checkpoint) == bool(args.preset):
         raise ProtocolError("--method sdfsmis needs exactly one of --checkpoint, --preset or --server")
     from lib.model import build_model, load_checkpoint, read_meta
 
+    def method_of(model, info):
+        return SDFSMISMethod(model, args.batch_size, info, chain=args.chain, largest=not args.all_components,
+                             gate=args.gate)
+
     if args.preset:
         model = build_model(args.preset).to(args.device).eval()
         info = {"preset": args.preset, "config": model.config.to_dict(), "weights_sha256": _state_sha256(model)}
-        method = SDFSMISMethod(model, args.batch_size, info, chain=args.chain, largest=not args.all_components)
+        method = method_of(model, info)
         return (lambda fold: method), False
     per_fold = "{fold}" in args.checkpoint
     cache: dict = {}
@@ -110,7 +119,7 @@ def _method_factory(args, dataset_name: str):
             info = {"checkpoint": str(path), "config": meta,
                     "weights_sha256": _sha256(path / "model.safetensors")}
             cache.clear()
-            cache[path] = SDFSMISMethod(model, args.batch_size, info, chain=args.chain, largest=not args.all_components)
+            cache[path] = method_of(model, info)
         return cache[path]
 
     return for_fold, per_fold

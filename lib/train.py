@@ -73,6 +73,7 @@ class TrainOptions:
     setting2_rule: str = "strict"               # strict | rpt
     merge: int = 0                              # grow episode regions by up to N neighbour supervoxels
     vanish: float = 0.0                         # share of episodes where the region ends on the query slice
+    gap: int = 1                                # largest support-query slice distance (1 = adjacent)
     aug_strength: float = 1.0                   # geometric augmentation ranges x this (1 = RPT)
     log_every: int = 10
     threads: int | None = None                  # torch CPU threads (None = torch's default)
@@ -280,7 +281,7 @@ def train(opts: TrainOptions, progress: Callable[[dict], None] | None = None,
                                             progress=opts.progress_bar and rank == 0)
     sampler = EpisodeSampler(volumes, seed=opts.seed + start + 1000 * rank, labels=labels or None,
                              exclude_labels=opts.exclude_labels, setting2_rule=opts.setting2_rule,
-                             merge=opts.merge, vanish=opts.vanish)
+                             merge=opts.merge, vanish=opts.vanish, gap=opts.gap)
     augment = EpisodeAugment(cfg.image_size, seed=opts.seed + 7 + start + 1000 * rank,
                              strength=opts.aug_strength)
 
@@ -406,6 +407,9 @@ def parse_args(argv=None) -> TrainOptions:
                          "(multi-scale regions; 0 = ADNet/RPT's single supervoxel)")
     ap.add_argument("--vanish", type=float, default=0.0,
                     help="share of episodes whose query slice is where the region ends (empty target); 0 = ADNet/RPT")
+    ap.add_argument("--gap", type=int, default=1,
+                    help="largest support-query slice distance of an episode, drawn uniformly from 1..N "
+                         "while the supervoxel lasts; 1 = ADNet/RPT's adjacent slices")
     ap.add_argument("--aug-strength", type=float, default=1.0,
                     help="multiply the geometric augmentation ranges (rotation, shear, translation, scale); 1 = RPT")
     ap.add_argument("--log-every", type=int, default=10)
@@ -418,7 +422,7 @@ def parse_args(argv=None) -> TrainOptions:
         weight_decay=a.weight_decay,
         grad_clip=a.grad_clip, warmup=a.warmup, schedule=a.schedule, stop_at=a.stop_at, checkpoint_every=a.checkpoint_every, seed=a.seed, device=a.device,
         resume=a.resume, cache_dir=a.cache_dir, sd_path=a.sd_path, dino_path=a.dino_path, exclude_labels=exclude,
-        setting2_rule=a.setting2_rule, merge=a.merge, vanish=a.vanish, aug_strength=a.aug_strength, log_every=a.log_every, threads=a.threads,
+        setting2_rule=a.setting2_rule, merge=a.merge, vanish=a.vanish, gap=a.gap, aug_strength=a.aug_strength, log_every=a.log_every, threads=a.threads,
     )
 
 

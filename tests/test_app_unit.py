@@ -292,3 +292,39 @@ def test_largest_component_drops_stray_blobs():
     out = largest_component(m)
     assert out.sum() == 4 * 16 and not out[2, 8, 8]
     assert not largest_component(np.zeros((3, 5, 5), bool)).any()
+
+
+def test_intensity_gate_keeps_the_organ_and_drops_slices_without_it():
+    from lib.transforms.postprocess import intensity_gate
+
+    yy, xx = np.mgrid[0:32, 0:32]
+    disc = (yy - 16) ** 2 + (xx - 16) ** 2 < 8 ** 2
+    noise = np.random.default_rng(0).normal(0, 0.01, (3, 32, 32))
+    query = 0.3 + noise                                   # slice 0: organ (0.8) with a dark vessel in it,
+    query[0][disc] = 0.8                                  # slice 1: organ, slice 2: no organ at all
+    query[0][15:17, 14:18] = 0.3
+    query[1][disc] = 0.8 + noise[1][disc]
+    support_image = np.where(disc, 0.8, 0.3)[None] + noise[:1]
+    masks = np.zeros((3, 32, 32), bool)
+    masks[:, 4:28, 4:28] = True                           # a too-large square, e.g. a copied mask
+    out = intensity_gate(query, masks, support_image, disc[None])
+    assert np.array_equal(out[0], disc)                   # the vessel's hole is filled
+    assert (out[1] & disc).sum() / disc.sum() > 0.95 and not (out[1] & ~disc).any()   # noisy: a few edge pixels
+    assert not out[2].any()                               # the organ ended: nothing in range left
+    assert not intensity_gate(query, np.zeros_like(masks), support_image, disc[None]).any()
+    with pytest.raises(ValueError, match="support mask is empty"):
+        intensity_gate(query, masks, support_image, np.zeros((1, 32, 32), bool))
+
+
+def test_propagate_gate_option_removes_masks_off_the_organ():
+    ann = np.zeros((16, 16, 4), np.uint8)
+    ann[4:12, 4:12, 1] = 1
+    image = np.full((16, 16, 4), 0.2, np.float32)
+    image[4:12, 4:12, :3] = 0.9                          # the organ is in slices 0-2, gone from slice 3
+    plain = propagate(StubModel(), image, ann, normalized=True)
+    gated = propagate(StubModel(), image, ann, normalized=True, gate=True)
+    assert plain.label[..., 3].any() and not gated.label[..., 3].any()       # the stub copies; the gate drops it
+    across = propagate(StubModel(), image, ann, support_image=image, normalized=True, gate=True)
+    assert across.label[..., 3].any()                     # another volume: the gate is not applied
+    lost = (plain.label[..., :3] > 0) & (gated.label[..., :3] == 0)
+    assert lost.sum() == 2 * 4 and not (gated.label[..., :3] > plain.label[..., :3]).any()   # corners cut by the opening; slice 1 is the annotation

@@ -148,3 +148,26 @@ def test_vanish_episodes_pair_a_region_with_the_slice_where_it_ends():
     assert kinds == {True, False}
     with pytest.raises(ValueError, match="vanish"):
         EpisodeSampler([(image, sv)], vanish=1.0)
+
+
+def test_gap_episodes_reach_distant_slices_only_through_the_supervoxel():
+    image, sv, _ = _sv_volume()
+    present = (sv[..., None] == np.arange(1, 5)).sum(axis=(0, 1)) >= 200        # (Z, 4) id covers >= 200 px
+    sampler = EpisodeSampler([(image, sv)], seed=4, gap=4)
+    gaps = set()
+    for _ in range(300):
+        ep = sampler.sample()
+        zs, zq = ep["slices"]
+        k = ep["supervoxel"]
+        gaps.add(abs(zq - zs))
+        assert 1 <= abs(zq - zs) <= 4
+        lo, hi = min(zs, zq), max(zs, zq)
+        assert present[lo:hi + 1, k - 1].all()                 # no slice in between lacks the supervoxel
+        assert np.array_equal(ep["query_mask"], (sv[:, :, zq] == k).astype(np.float32))
+        if k == 1:
+            assert lo > 0 and not lo < 7 < hi                  # never across slice 0 or slice 7
+    assert gaps == {1, 2, 3, 4}
+    adjacent = EpisodeSampler([(image, sv)], seed=4)            # gap 1 draws exactly the old episodes
+    assert all(abs(np.subtract(*adjacent.sample()["slices"])) == 1 for _ in range(50))
+    with pytest.raises(ValueError, match="gap"):
+        EpisodeSampler([(image, sv)], gap=0)

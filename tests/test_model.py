@@ -288,3 +288,19 @@ def test_prior_residual_starts_as_a_copy_of_the_support_mask():
 
         from lib.model.sdfsmis import SDFSMIS
         SDFSMIS(cfg, UNet2DConditionModel.from_config(cfg.unet), fresh.vae, fresh.vtct.encoder)
+
+
+def test_mini_has_32x32_latents_and_no_attention_at_that_level():
+    """mini: a 3-level VAE (128 px -> 32 x 32 latents) and a UNet whose 32 x 32 level is convolutions
+    only; SII, VTCT cross-attention and self-attention sit in the 16 x 16 and 8 x 8 levels."""
+    torch.manual_seed(0)
+    m = build_model("mini").eval()
+    assert m.config.latent_size == 32 and m.unet.config.sample_size == 32
+    assert m.unet.config.down_block_types[0] == "DownBlock2D" and m.unet.config.up_block_types[-1] == "UpBlock2D"
+    assert m.sii_blocks == 2 + 4 + 1      # 2 levels: 1 block per down, 2 per up (diffusers), + the mid block
+    img, mask = _episode(2, 128, seed=1)
+    with torch.no_grad():
+        assert m.encode(img).shape == (2, 4, 32, 32)
+        assert m.predict(img, m.encode_support(img[:1], mask[:1])).shape == (2, 1, 128, 128)
+    sd = preset_config("sd15")                           # the paper's layout is unchanged
+    assert sd.unet["down_block_types"][:3] == ["CrossAttnDownBlock2D"] * 3

@@ -131,7 +131,9 @@ def stack(tmp_path_factory):
         log = open(work / "server.log", "w")
         server = subprocess.Popen(
             [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(APP), "--studies", url,
-             "--conf", "preset", "tiny", "--host", "127.0.0.1", "--port", str(server_port)],
+             # untrained tiny weights: their masks are noise, which the intensity gate would rightly drop
+             "--conf", "preset", "tiny", "--conf", "gate", "false",
+             "--host", "127.0.0.1", "--port", str(server_port)],
             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         base = f"http://127.0.0.1:{server_port}"

@@ -34,6 +34,7 @@ class AppConfig:
     label_tag: str = "final"           # datastore tag of saved annotations used as support
     merge: str = "probability"         # how overlapping organs are resolved
     chain: bool = False                # same volume: segment slice by slice outward from the annotation
+    gate: bool = True                  # keep predicted pixels in the support organ's intensity range
     train_dir: str | None = None       # trainer output; None = <app>/model/trained
     use_trained: bool = True           # serve <train_dir>/model when it exists and matches
     result_extension: str = ".nii.gz"  # default result file type (a request may override)
@@ -150,6 +151,8 @@ def parse_conf(conf: dict | None) -> AppConfig:
         out["merge"] = _choice("merge", conf["merge"], MERGE_RULES)
     if conf.get("chain"):
         out["chain"] = _bool("chain", conf["chain"])
+    if conf.get("gate"):
+        out["gate"] = _bool("gate", conf["gate"])
     if conf.get("train_dir"):
         out["train_dir"] = str(Path(conf["train_dir"]).expanduser().resolve())
     if conf.get("use_trained"):

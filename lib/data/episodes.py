@@ -13,6 +13,11 @@ supervoxel covers >= `min_area` px with an adjacent slice where it (nearly) ends
 the query mask is then (nearly) empty, so the network learns that an organ can stop, as it does at
 both ends of its extent (always-present pairs teach it to copy the support forever).
 
+Distant slices (`gap` > 1, not in ADNet/RPT): the query slice is g ~ U{1..gap} slices away from
+the support in the pair's direction, as far as the supervoxel still covers >= `min_area` px on
+every slice in between (so a short supervoxel gives a shorter step). Adjacent slices differ little,
+so they teach little more than copying; propagation asks for slices many steps away.
+
 Setting 2 (no exposure to the test organs) removes training slices using ground-truth labels:
 - `strict`: drop every slice that contains ANY test organ (the stated intent of Setting 2);
 - `rpt`:    drop only slices that contain ALL test organs at once, which is what RPT's (and ADNet's)
@@ -140,6 +145,7 @@ class EpisodeSampler:
 
     merge: grow each region by up to this many neighbouring supervoxels (module doc; 0 = ADNet/RPT).
     vanish: share of episodes whose query slice is where the supervoxel ends (module doc; 0 = ADNet/RPT).
+    gap: largest support-query slice distance (module doc; 1 = adjacent slices, ADNet/RPT).
 
     `sample()` returns a dict: support_image, support_mask, query_image, query_mask (each float32
     (H, W); masks in {0, 1}), volume_index, supervoxel, region (the supervoxel ids of the masks),
@@ -157,6 +163,7 @@ class EpisodeSampler:
         max_loaded: int | None = None,
         merge: int = 0,
         vanish: float = 0.0,
+        gap: int = 1,
     ):
         self._items = list(volumes)
         if not self._items:
@@ -174,6 +181,10 @@ class EpisodeSampler:
         if not 0.0 <= vanish < 1.0:
             raise ValueError(f"vanish must be in [0, 1), got {vanish}")
         self.vanish = float(vanish)
+        if gap < 1:
+            raise ValueError(f"gap must be >= 1, got {gap}")
+        self.gap = int(gap)
+        self._present: list[np.ndarray] = []  # bool (K + 1, Z) per volume when gap > 1: id covers >= min_area
         self._endings: list[np.ndarray] = []  # (M_v, 3) (supervoxel id, support z, query z) per volume
         self.setting2_rule = setting2_rule
         self.exclude_labels = None if exclude_labels is None else [int(c) for c in exclude_labels]
@@ -196,6 +207,8 @@ class EpisodeSampler:
                     raise ValueError(f"volume {v}: label shape {lab.shape} differs from supervoxels {sv.shape}")
                 excl = excluded_slices(lab, self.exclude_labels, setting2_rule)
             cands = valid_pairs(sv, self.min_area, excl)
+            if self.gap > 1:
+                self._present.append((slice_areas(sv) >= self.min_area) & ~excl[None, :])
             self._endings.append(ending_pairs(sv, self.min_area, excl) if self.vanish else np.zeros((0, 3), np.int64))
             ids, start, count = np.unique(cands[:, 0], return_index=True, return_counts=True)
             self.excluded.append(excl)
@@ -243,7 +256,14 @@ class EpisodeSampler:
         j = int(self.rng.integers(len(self._sv_ids[v])))
         k = int(self._sv_ids[v][j])
         z = int(self._cands[v][self._sv_start[v][j] + self.rng.integers(self._sv_count[v][j]), 1])
-        zs, zq = (z + 1, z) if self.rng.random() < 0.5 else (z, z + 1)
+        zs, step = (z + 1, -1) if self.rng.random() < 0.5 else (z, 1)
+        zq = zs + step
+        if self.gap > 1:
+            present = self._present[v][k]
+            for _ in range(int(self.rng.integers(1, self.gap + 1)) - 1):
+                if not 0 <= zq + step < len(present) or not present[zq + step]:
+                    break
+                zq += step
         image, sv = self._volume(v)
         region = [k]
         if self.merge:

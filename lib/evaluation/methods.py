@@ -8,30 +8,43 @@ from __future__ import annotations
 
 import numpy as np
 
-from lib.transforms.postprocess import largest_component
+from lib.transforms.postprocess import intensity_gate, largest_component
 
 METHODS = ("sdfsmis", "copy", "registration")
 
 
 class ArrayMethod:
-    """Cuts the group's slices out of the (normalised) volumes and calls `segment`."""
+    """Cuts the group's slices out of the (normalised) volumes and calls `segment`.
+
+    gate: pass the masks through the intensity gate (lib.transforms.postprocess), as the app does.
+    """
 
     name = "array"
+    gate = False
 
-    def run_group(self, dataset, job, group) -> np.ndarray:
+    def _arrays(self, dataset, job, group):
+        """-> query (N, H, W), support image (1, H, W), support mask bool (1, H, W) of the group."""
         q_img, _, _ = dataset.load(job.query)
         s_img, s_lbl, _ = dataset.load(group.support)
-        z = list(group.query_z)
-        query = np.moveaxis(q_img[..., z], -1, 0)                          # (N, H, W)
-        support_image = s_img[..., group.support_z][None]                  # (1, H, W)
-        support_mask = (s_lbl[..., group.support_z] == job.label)[None]    # (1, H, W)
-        return np.asarray(self.segment(query, support_image, support_mask), dtype=bool)
+        query = np.moveaxis(q_img[..., list(group.query_z)], -1, 0)
+        return query, s_img[..., group.support_z][None], (s_lbl[..., group.support_z] == job.label)[None]
+
+    def run_group(self, dataset, job, group) -> np.ndarray:
+        arrays = self._arrays(dataset, job, group)
+        return self.gated(np.asarray(self.segment(*arrays), dtype=bool), arrays)
+
+    def gated(self, masks: np.ndarray, arrays) -> np.ndarray:
+        """(N, H, W) masks of a group with its `_arrays` -> through the intensity gate if `gate` is set."""
+        if not self.gate:
+            return masks
+        query, support_image, support_mask = arrays
+        return intensity_gate(query, masks, support_image, support_mask)
 
     def segment(self, query, support_image, support_mask) -> np.ndarray:
         raise NotImplementedError
 
     def describe(self) -> dict:
-        return {"method": self.name}
+        return {"method": self.name, "intensity_gate": self.gate}
 
 
 class CopyMethod(ArrayMethod):
@@ -53,23 +66,29 @@ class RegistrationMethod(ArrayMethod):
     (regular-step gradient descent, `affine_iterations`), the metric restricted to the support
     organ dilated by `mask_margin` px; then `demons_iterations` of fast symmetric-forces demons
     (Gaussian sigma `demons_sigma`, in shrunk pixels). Deterministic; `threads` ITK threads.
+
+    `chain` (propagation inside one volume): register each slice to its neighbour towards the
+    annotated slice and warp that neighbour's result, walking outward one slice at a time.
     """
 
     name = "registration"
 
     def __init__(self, shrink: int = 4, affine_iterations: int = 30, mask_margin: int = 40,
-                 demons_iterations: int = 20, demons_sigma: float = 1.5, threads: int = 1):
+                 demons_iterations: int = 20, demons_sigma: float = 1.5, threads: int = 1,
+                 chain: bool = False):
         import SimpleITK as sitk
 
         self.sitk = sitk
         sitk.ProcessObject_SetGlobalDefaultNumberOfThreads(int(threads))
         self.params = {"shrink": shrink, "affine_iterations": affine_iterations, "mask_margin": mask_margin,
                        "demons_iterations": demons_iterations, "demons_sigma": demons_sigma,
-                       "threads": threads, "metric": "MeanSquares", "transform": "affine + demons"}
+                       "threads": threads, "metric": "MeanSquares", "transform": "affine + demons",
+                       "chain": chain}
         self.failures = 0
 
     def describe(self) -> dict:
-        return {"method": self.name, **self.params, "failures_fell_back_to_copy": self.failures}
+        return {"method": self.name, **self.params, "intensity_gate": self.gate,
+                "failures_fell_back_to_copy": self.failures}
 
     def _small(self, arr: np.ndarray):
         """(H, W) -> SimpleITK image block-averaged by k, placed in full-resolution pixel coordinates."""
@@ -105,23 +124,38 @@ class RegistrationMethod(ArrayMethod):
             tx = sitk.CompositeTransform([tx, sitk.DisplacementFieldTransform(field)])
         return tx
 
-    def segment(self, query, support_image, support_mask) -> np.ndarray:
+    def warp(self, fixed: np.ndarray, moving: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """(H, W) slices and the moving slice's bool mask -> that mask warped onto `fixed`
+        (unchanged when registration fails, e.g. too few samples inside the mask)."""
         sitk = self.sitk
+        try:
+            tx = self.register(fixed, moving, mask)
+        except RuntimeError:
+            self.failures += 1
+            return mask
+        warped = sitk.Resample(sitk.GetImageFromArray(mask.astype(np.uint8)), sitk.GetImageFromArray(fixed), tx,
+                               sitk.sitkNearestNeighbor, 0)
+        return sitk.GetArrayFromImage(warped).astype(bool)
+
+    def segment(self, query, support_image, support_mask) -> np.ndarray:
         moving = np.asarray(support_image[0], dtype=np.float32)
         mask = np.asarray(support_mask[0]).astype(bool)
-        mask_img = sitk.GetImageFromArray(mask.astype(np.uint8))
-        out = np.zeros(query.shape, dtype=bool)
-        for i, fixed in enumerate(np.asarray(query, dtype=np.float32)):
-            try:
-                tx = self.register(fixed, moving, mask)
-            except RuntimeError:        # e.g. too few samples inside the moving mask
-                self.failures += 1
-                out[i] = mask
-                continue
-            ref = sitk.GetImageFromArray(fixed)
-            warped = sitk.Resample(mask_img, ref, tx, sitk.sitkNearestNeighbor, 0)
-            out[i] = sitk.GetArrayFromImage(warped).astype(bool)
-        return out
+        return np.stack([self.warp(fixed, moving, mask) for fixed in np.asarray(query, dtype=np.float32)])
+
+    def run_group(self, dataset, job, group) -> np.ndarray:
+        """Chained (`chain`) when support and queries are one volume; else every query from the support."""
+        if not self.params["chain"] or group.support != job.query:
+            return super().run_group(dataset, job, group)
+        image, label, _ = dataset.load(job.query)
+        z0 = group.support_z
+        masks = {z0: label[..., z0] == job.label}
+        lo, hi = min(*group.query_z, z0), max(*group.query_z, z0)
+        for step in (1, -1):
+            for z in range(z0 + step, (hi + 1) if step > 0 else (lo - 1), step):
+                prev = masks[z - step]
+                fixed, moving = (np.asarray(image[..., i], dtype=np.float32) for i in (z, z - step))
+                masks[z] = self.warp(fixed, moving, prev) if prev.any() else prev
+        return self.gated(np.stack([masks[z] for z in group.query_z]), self._arrays(dataset, job, group))
 
 
 class SDFSMISMethod(ArrayMethod):
@@ -130,16 +164,17 @@ class SDFSMISMethod(ArrayMethod):
     name = "sdfsmis"
 
     def __init__(self, model, batch_size: int = 8, info: dict | None = None, chain: bool = False,
-                 largest: bool = True):
+                 largest: bool = True, gate: bool = False):
         self.model = model
         self.batch_size = batch_size
         self.info = info or {}
         self.chain = chain
         self.largest = largest
+        self.gate = gate
 
     def describe(self) -> dict:
         return {"method": self.name, "batch_size": self.batch_size, "chain": self.chain,
-                "largest_component": self.largest, **self.info}
+                "largest_component": self.largest, "intensity_gate": self.gate, **self.info}
 
     def run_group(self, dataset, job, group) -> np.ndarray:
         """Chained (--chain) when support and queries are one volume; else one support for all."""
@@ -152,7 +187,7 @@ class SDFSMISMethod(ArrayMethod):
             lo, hi = min(*group.query_z, group.support_z), max(*group.query_z, group.support_z)
             stack = np.moveaxis(image[..., lo:hi + 1], -1, 0)                     # (hi - lo + 1, H, W)
             masks, _ = chain_segment(self.model, stack, group.support_z - lo, label[..., group.support_z] == job.label)
-            masks = masks[np.asarray(group.query_z) - lo]
+            masks = self.gated(masks[np.asarray(group.query_z) - lo], self._arrays(dataset, job, group))
         return largest_component(masks) if self.largest else masks
 
     def segment(self, query, support_image, support_mask) -> np.ndarray:

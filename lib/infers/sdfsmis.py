@@ -81,6 +81,7 @@ class SDFSMISInfer(InferTask):
                 "batch_size": cfg.batch_size,
                 "merge": list(MERGE_RULES) if cfg.merge == MERGE_RULES[0] else list(reversed(MERGE_RULES)),
                 "chain": cfg.chain,
+                "gate": cfg.gate,
                 "result_extension": cfg.result_extension,
             },
         )
@@ -114,6 +115,7 @@ class SDFSMISInfer(InferTask):
             "batch_size": _number(request, "batch_size", self.cfg.batch_size, int, 1, 4096),
             "merge": merge,
             "chain": _flag(request, "chain", self.cfg.chain),
+            "gate": _flag(request, "gate", self.cfg.gate),
             "extension": ext,
         }
 
@@ -139,7 +141,8 @@ class SDFSMISInfer(InferTask):
             with self.store.lock:
                 model = self.store.get()
                 result = propagate(model, image, label, support_image=support_image, batch_size=opts["batch_size"],
-                                   threshold=opts["threshold"], merge=opts["merge"], chain=opts["chain"])
+                                   threshold=opts["threshold"], merge=opts["merge"], chain=opts["chain"],
+                                   gate=opts["gate"])
                 served = self.store.info()
         except AnnotationError as err:
             raise bad_request(str(err)) from None
@@ -156,6 +159,7 @@ class SDFSMISInfer(InferTask):
             "threshold": opts["threshold"] if opts["threshold"] is not None else float(model.config.threshold),
             "merge": opts["merge"],
             "chain": opts["chain"],
+            "gate": opts["gate"],
             "model": served,
             "latencies": {
                 "pre": round(pre - start, 3), "infer": round(infer - pre, 3), "post": round(end - infer, 3),
