@@ -42,9 +42,10 @@ def main(argv=None) -> int:
     image, truth = phantom(seed=1)                       # phantom_1, the study's annotated volume
     support = one_slice(truth)
     z0 = int(np.flatnonzero(support.any(axis=(0, 1)))[0])
-    result = propagate(model, image, support, chain=args.chain, gate=cfg.gate and not args.no_gate).label
+    gate = cfg.gate and not args.no_gate
+    result = propagate(model, image, support, chain=args.chain, gate=gate).label
     scored = [z for z in range(truth.shape[-1]) if z != z0]
-    print(f"model: {store.source.describe()}; gate {cfg.gate and not args.no_gate}; annotated slice {z0}; "
+    print(f"model: {store.source.describe()}; gate {gate}; annotated slice {z0}; "
           f"{result.shape[-1]} slices")
     for value, name in ORGANS.items():
         gt, pred = truth[..., scored] == value, result[..., scored] == value

@@ -34,7 +34,7 @@ class AppConfig:
     label_tag: str = "final"           # datastore tag of saved annotations used as support
     merge: str = "probability"         # how overlapping organs are resolved
     chain: bool = False                # same volume: segment slice by slice outward from the annotation
-    gate: bool = True                  # keep predicted pixels in the support organ's intensity range
+    gate: bool = True                  # same volume: keep predicted pixels in the support organ's intensity range
     train_dir: str | None = None       # trainer output; None = <app>/model/trained
     use_trained: bool = True           # serve <train_dir>/model when it exists and matches
     result_extension: str = ".nii.gz"  # default result file type (a request may override)

@@ -87,10 +87,11 @@ def grow_region(labels2d: np.ndarray, seed: int, steps: int, rng: np.random.Gene
     return region
 
 
-def valid_pairs(supervoxels, min_area: int = MIN_AREA, excluded=None) -> np.ndarray:
+def valid_pairs(supervoxels, min_area: int = MIN_AREA, excluded=None, areas=None) -> np.ndarray:
     """int64 (N, 2) rows (supervoxel id, z): the id covers >= `min_area` px in slices z and z+1,
-    and neither slice is `excluded` (bool (Z,)). Sorted by id, then z."""
-    areas = slice_areas(supervoxels)[1:]  # (K, Z), background dropped
+    and neither slice is `excluded` (bool (Z,)). Sorted by id, then z.
+    areas: `slice_areas(supervoxels)` when the caller has it already."""
+    areas = (slice_areas(supervoxels) if areas is None else areas)[1:]  # (K, Z), background dropped
     ok = areas >= min_area
     if excluded is not None:
         excluded = np.asarray(excluded, dtype=bool)
@@ -103,11 +104,11 @@ def valid_pairs(supervoxels, min_area: int = MIN_AREA, excluded=None) -> np.ndar
     return rows
 
 
-def ending_pairs(supervoxels, min_area: int = MIN_AREA, excluded=None) -> np.ndarray:
+def ending_pairs(supervoxels, min_area: int = MIN_AREA, excluded=None, areas=None) -> np.ndarray:
     """int64 (N, 3) rows (supervoxel id, support z, query z): adjacent slices where the id covers
     >= `min_area` px on the support slice and < min_area / 4 px (possibly none) on the query slice;
-    neither slice `excluded`. Sorted by id, then support z."""
-    areas = slice_areas(supervoxels)[1:]
+    neither slice `excluded`. Sorted by id, then support z. areas: as in `valid_pairs`."""
+    areas = (slice_areas(supervoxels) if areas is None else areas)[1:]
     ok, gone = areas >= min_area, areas * 4 < min_area
     if excluded is not None:
         keep = ~np.asarray(excluded, dtype=bool)[None, :]
@@ -206,10 +207,12 @@ class EpisodeSampler:
                 if lab.shape != sv.shape:
                     raise ValueError(f"volume {v}: label shape {lab.shape} differs from supervoxels {sv.shape}")
                 excl = excluded_slices(lab, self.exclude_labels, setting2_rule)
-            cands = valid_pairs(sv, self.min_area, excl)
+            areas = slice_areas(sv)                                        # once per volume for all three
+            cands = valid_pairs(sv, self.min_area, excl, areas=areas)
             if self.gap > 1:
-                self._present.append((slice_areas(sv) >= self.min_area) & ~excl[None, :])
-            self._endings.append(ending_pairs(sv, self.min_area, excl) if self.vanish else np.zeros((0, 3), np.int64))
+                self._present.append((areas >= self.min_area) & ~excl[None, :])
+            self._endings.append(ending_pairs(sv, self.min_area, excl, areas=areas) if self.vanish
+                                 else np.zeros((0, 3), np.int64))
             ids, start, count = np.unique(cands[:, 0], return_index=True, return_counts=True)
             self.excluded.append(excl)
             self._cands.append(cands)

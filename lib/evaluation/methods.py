@@ -13,6 +13,11 @@ from lib.transforms.postprocess import intensity_gate, largest_component
 METHODS = ("sdfsmis", "copy", "registration")
 
 
+def chain_extent(group) -> tuple[int, int]:
+    """(first, last) slice a chained walk covers: the group's query slices and its support slice."""
+    return min(*group.query_z, group.support_z), max(*group.query_z, group.support_z)
+
+
 class ArrayMethod:
     """Cuts the group's slices out of the (normalised) volumes and calls `segment`.
 
@@ -31,13 +36,14 @@ class ArrayMethod:
 
     def run_group(self, dataset, job, group) -> np.ndarray:
         arrays = self._arrays(dataset, job, group)
-        return self.gated(np.asarray(self.segment(*arrays), dtype=bool), arrays)
+        return self.gated(np.asarray(self.segment(*arrays), dtype=bool), dataset, job, group, arrays)
 
-    def gated(self, masks: np.ndarray, arrays) -> np.ndarray:
-        """(N, H, W) masks of a group with its `_arrays` -> through the intensity gate if `gate` is set."""
+    def gated(self, masks: np.ndarray, dataset, job, group, arrays=None) -> np.ndarray:
+        """(N, H, W) masks of a group -> through the intensity gate if `gate` is set (the group's
+        `_arrays` are cut out only then, unless given)."""
         if not self.gate:
             return masks
-        query, support_image, support_mask = arrays
+        query, support_image, support_mask = arrays or self._arrays(dataset, job, group)
         return intensity_gate(query, masks, support_image, support_mask)
 
     def segment(self, query, support_image, support_mask) -> np.ndarray:
@@ -149,13 +155,13 @@ class RegistrationMethod(ArrayMethod):
         image, label, _ = dataset.load(job.query)
         z0 = group.support_z
         masks = {z0: label[..., z0] == job.label}
-        lo, hi = min(*group.query_z, z0), max(*group.query_z, z0)
+        lo, hi = chain_extent(group)
         for step in (1, -1):
             for z in range(z0 + step, (hi + 1) if step > 0 else (lo - 1), step):
                 prev = masks[z - step]
                 fixed, moving = (np.asarray(image[..., i], dtype=np.float32) for i in (z, z - step))
                 masks[z] = self.warp(fixed, moving, prev) if prev.any() else prev
-        return self.gated(np.stack([masks[z] for z in group.query_z]), self._arrays(dataset, job, group))
+        return self.gated(np.stack([masks[z] for z in group.query_z]), dataset, job, group)
 
 
 class SDFSMISMethod(ArrayMethod):
@@ -184,10 +190,10 @@ class SDFSMISMethod(ArrayMethod):
             from lib.model.chain import chain_segment
 
             image, label, _ = dataset.load(job.query)
-            lo, hi = min(*group.query_z, group.support_z), max(*group.query_z, group.support_z)
+            lo, hi = chain_extent(group)
             stack = np.moveaxis(image[..., lo:hi + 1], -1, 0)                     # (hi - lo + 1, H, W)
             masks, _ = chain_segment(self.model, stack, group.support_z - lo, label[..., group.support_z] == job.label)
-            masks = self.gated(masks[np.asarray(group.query_z) - lo], self._arrays(dataset, job, group))
+            masks = self.gated(masks[np.asarray(group.query_z) - lo], dataset, job, group)
         return largest_component(masks) if self.largest else masks
 
     def segment(self, query, support_image, support_mask) -> np.ndarray:

@@ -163,7 +163,7 @@ def propagate(
         fg = probs > thr
         if gate and same_volume:
             fg = np.moveaxis(intensity_gate(_slices(query, zs), np.moveaxis(fg, -1, 0), _slices(support, z_s),
-                                            _slices(label == value, z_s)), 0, -1)
+                                            _slices(label, z_s) == value), 0, -1)
         if best is not None:
             fg &= probs >= best[..., zs]
             best[..., zs] = np.where(fg, probs, best[..., zs])

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from monai.transforms import KeepLargestConnectedComponent
+from scipy import ndimage
 
 _LARGEST = KeepLargestConnectedComponent(applied_labels=[1], is_onehot=False, connectivity=None)
 
@@ -31,8 +32,6 @@ def intensity_gate(query, masks, support_image, support_mask, margin: float = 0.
     (vessels, lesions); a slice that keeps less than `keep` of its mask becomes empty (the organ ended
     there, or the mask lies on other tissue). -> bool (N, H, W).
     """
-    from scipy import ndimage
-
     masks = np.asarray(masks, dtype=bool)
     values = np.asarray(support_image)[np.asarray(support_mask, dtype=bool)]
     if not values.size:
