@@ -41,6 +41,7 @@ def run_preset(args, preset: str, device: torch.device) -> dict:
 
     torch.manual_seed(0)
     model = build(preset, args.reference, args.checkpoint).to(device).eval()
+    model.config.edit_prior = False     # both paths score the network's own output (edits are post-processing)
     size = model.config.image_size
     images, masks = phantom(args.slices + 1, size=args.size, seed=0)
     mid = (args.slices + 1) // 2

@@ -33,14 +33,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--organs", help="e.g. 'liver=1,spleen=4' or 'liver,spleen' (default: liver, spleen, LK, RK)")
     p.add_argument("--method", choices=METHODS, default="sdfsmis")
     p.add_argument("--chain", action="store_true",
-                   help="sdfsmis and registration, propagation mode: segment slice by slice outward from the "
-                        "annotated slice, each result the next support (lib.model.chain) or moving mask")
+                   help="segment slice by slice outward, each result the next support (lib.model.chain) or moving "
+                        "mask: propagation mode from the annotated slice; protocol mode (sdfsmis) from each chunk's "
+                        "middle slice, segmented from the support")
     p.add_argument("--all-components", action="store_true",
                    help="sdfsmis: keep every predicted blob (default: the largest connected component per "
                         "organ and support group)")
     p.add_argument("--gate", action="store_true",
                    help="any method: keep only predicted pixels in the intensity range of the support's organ, and "
-                        "drop slices where little is left (lib.transforms.postprocess.intensity_gate)")
+                        "drop slices where little is left (lib.transforms.postprocess.intensity_gate); with --chain "
+                        "every step is gated before it becomes the next support")
     p.add_argument("--checkpoint", help="SD-FSMIS checkpoint folder; '{fold}' is replaced by the fold number")
     p.add_argument("--preset", help="build an untrained model of this preset instead of a checkpoint (smoke runs)")
     p.add_argument("--server", metavar="URL", help="run through a MONAI Label app's 'sdfsmis' infer task")
@@ -88,12 +90,10 @@ def _method_factory(args, dataset_name: str):
         method = ServerMethod(args.server, dataset_name)
         return (lambda fold: method), False
     if args.method == "copy":
-        method = CopyMethod()
-        method.gate = args.gate
+        method = CopyMethod(gate=args.gate)
         return (lambda fold: method), False
     if args.method == "registration":
-        method = RegistrationMethod(threads=args.threads, chain=args.chain)
-        method.gate = args.gate
+        method = RegistrationMethod(threads=args.threads, chain=args.chain, gate=args.gate)
         return (lambda fold: method), False
     if bool(args.checkpoint) == bool(args.preset):
         raise ProtocolError("--method sdfsmis needs exactly one of --checkpoint, --preset or --server")
@@ -101,7 +101,7 @@ def _method_factory(args, dataset_name: str):
 
     def method_of(model, info):
         return SDFSMISMethod(model, args.batch_size, info, chain=args.chain, largest=not args.all_components,
-                             gate=args.gate)
+                             gate=args.gate, threads=args.threads)
 
     if args.preset:
         model = build_model(args.preset).to(args.device).eval()

@@ -35,6 +35,7 @@ from lib.data.volumes import DatasetError
 from lib.model import PRESETS, build_model, load_checkpoint, read_meta, save_checkpoint
 from lib.model.checkpoint import atomic_folder, recover_checkpoint
 from lib.model.sdfsmis import SDFSMIS
+from lib.transforms.align import ALIGNMENTS, SliceAligner, support_aligner
 from lib.transforms.augment import EpisodeAugment, resize_episode
 
 STAGES = ("sdfsmis", "vae")
@@ -75,6 +76,7 @@ class TrainOptions:
     vanish: float = 0.0                         # share of episodes where the region ends on the query slice
     gap: int = 1                                # largest support-query slice distance (1 = adjacent)
     aug_strength: float = 1.0                   # geometric augmentation ranges x this (1 = RPT)
+    align: str | None = None                    # support alignment: none | registration (None: the model config's)
     log_every: int = 10
     threads: int | None = None                  # torch CPU threads (None = torch's default)
     progress_bar: bool = True
@@ -133,11 +135,14 @@ def load_state(optimizer: torch.optim.Optimizer, folder: Path, iteration: int) -
 
 # ---- batches ------------------------------------------------------------------------------------
 def make_batch(sampler: EpisodeSampler, augment: EpisodeAugment | None, size: int, batch: int,
-               device: torch.device) -> dict[str, torch.Tensor]:
-    """B augmented episodes -> dict of (B, 1, S, S) float tensors on `device`."""
+               device: torch.device, aligner: SliceAligner | None = None) -> dict[str, torch.Tensor]:
+    """B episodes -> dict of (B, 1, S, S) float tensors on `device`. With `aligner` the support is
+    registered onto the query first, as at inference, and augmented after (registration of a
+    gamma-changed or warped pair misaligns more than it aligns)."""
     eps = []
     for _ in range(batch):
         ep = resize_episode(sampler.sample(), size)
+        ep = aligner.align_episode(ep) if aligner is not None else ep
         eps.append(augment(ep) if augment is not None else ep)
     return {k: torch.from_numpy(np.stack([e[k] for e in eps])[:, None]).to(device)
             for k in ("support_image", "support_mask", "query_image", "query_mask")}
@@ -270,6 +275,10 @@ def train(opts: TrainOptions, progress: Callable[[dict], None] | None = None,
         if opts.mask_loss_weight < 0:
             raise ValueError("mask_loss_weight must be >= 0")
         cfg.mask_loss_weight = float(opts.mask_loss_weight)
+    if opts.align is not None:
+        support_aligner(opts.align)                                  # unknown names fail here
+        cfg.align_support = opts.align
+    aligner = support_aligner(cfg.align_support) if opts.stage == "sdfsmis" else None
     iterations = int(opts.iterations or cfg.iterations)
     batch_size = int(opts.batch_size or cfg.batch_size)
     if iterations < 1 or batch_size < 1 or opts.checkpoint_every < 1:
@@ -325,7 +334,7 @@ def train(opts: TrainOptions, progress: Callable[[dict], None] | None = None,
             factor = lr_factor(it, iterations, opts.warmup, opts.schedule)
             for g, lr in zip(optimizer.param_groups, base_lrs):
                 g["lr"] = lr * factor
-            batch = make_batch(sampler, augment, cfg.image_size, batch_size, device)
+            batch = make_batch(sampler, augment, cfg.image_size, batch_size, device, aligner)
             loss = net(batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -412,6 +421,10 @@ def parse_args(argv=None) -> TrainOptions:
                          "while the supervoxel lasts; 1 = ADNet/RPT's adjacent slices")
     ap.add_argument("--aug-strength", type=float, default=1.0,
                     help="multiply the geometric augmentation ranges (rotation, shear, translation, scale); 1 = RPT")
+    ap.add_argument("--align", choices=ALIGNMENTS,
+                    help="register each episode's support onto its query before the network sees it, and record "
+                         "it in the model's config so inference does the same (default: the --init model's; "
+                         "mini recipe: registration; the paper: none)")
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a busy 2-core machine)")
     a = ap.parse_args(argv)
@@ -422,7 +435,7 @@ def parse_args(argv=None) -> TrainOptions:
         weight_decay=a.weight_decay,
         grad_clip=a.grad_clip, warmup=a.warmup, schedule=a.schedule, stop_at=a.stop_at, checkpoint_every=a.checkpoint_every, seed=a.seed, device=a.device,
         resume=a.resume, cache_dir=a.cache_dir, sd_path=a.sd_path, dino_path=a.dino_path, exclude_labels=exclude,
-        setting2_rule=a.setting2_rule, merge=a.merge, vanish=a.vanish, gap=a.gap, aug_strength=a.aug_strength, log_every=a.log_every, threads=a.threads,
+        setting2_rule=a.setting2_rule, merge=a.merge, vanish=a.vanish, gap=a.gap, aug_strength=a.aug_strength, align=a.align, log_every=a.log_every, threads=a.threads,
     )
 
 

@@ -1,6 +1,6 @@
 """Segment the sample phantom study with the model the app serves, score it and draw an overlay.
 
-    .venv/bin/python scripts/sample_overlay.py --out sample-overlay.png [--checkpoint FOLDER] [--chain] [--no-gate]
+    .venv/bin/python scripts/sample_overlay.py --out sample-overlay.png [--checkpoint FOLDER] [--no-chain] [--no-gate]
 
 The phantom (lib.sample) has a known ground truth: its one-slice label is the app's support and the
 other slices are scored (Dice per organ). The PNG shows a few slices, ground truth green, result red.
@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="PNG to write")
     ap.add_argument("--checkpoint", help="serve this checkpoint folder instead of the app's choice")
-    ap.add_argument("--chain", action="store_true", help="chained propagation (the app's `chain` option)")
+    ap.add_argument("--no-chain", action="store_true", help="without chained propagation (the app's `chain false`)")
     ap.add_argument("--no-gate", action="store_true", help="without the intensity gate (the app's `gate false`)")
     ap.add_argument("--slices", type=int, default=4, help="slices shown")
     args = ap.parse_args(argv)
@@ -42,10 +42,10 @@ def main(argv=None) -> int:
     image, truth = phantom(seed=1)                       # phantom_1, the study's annotated volume
     support = one_slice(truth)
     z0 = int(np.flatnonzero(support.any(axis=(0, 1)))[0])
-    gate = cfg.gate and not args.no_gate
-    result = propagate(model, image, support, chain=args.chain, gate=gate).label
+    gate, chain = cfg.gate and not args.no_gate, cfg.chain and not args.no_chain
+    result = propagate(model, image, support, chain=chain, gate=gate).label
     scored = [z for z in range(truth.shape[-1]) if z != z0]
-    print(f"model: {store.source.describe()}; gate {gate}; annotated slice {z0}; "
+    print(f"model: {store.source.describe()}; chain {chain}; gate {gate}; annotated slice {z0}; "
           f"{result.shape[-1]} slices")
     for value, name in ORGANS.items():
         gt, pred = truth[..., scored] == value, result[..., scored] == value

@@ -22,7 +22,7 @@ class StubModel:
     def __init__(self, size=16, constant=None):
         self.config = SimpleNamespace(image_size=size, threshold=0.5)
         self.constant = constant or []   # per encode_support call: a constant probability instead of the mask
-        self.encoded, self.batches = [], []
+        self.encoded, self.batches, self.segmented = [], [], []
 
     def encode_support(self, images, masks):
         assert images.shape == masks.shape == (1, 1, self.config.image_size, self.config.image_size)
@@ -33,6 +33,13 @@ class StubModel:
     def predict(self, queries, cache):
         self.batches.append(queries.shape[0])
         return cache.expand(queries.shape[0], -1, -1, -1).clone()
+
+    def segment(self, queries, support_images, support_masks, threshold=None, return_probs=False, align=None):
+        """(N, H, W) queries, a (1, H, W) support -> the support mask (aligned onto each query) as probabilities."""
+        self.segmented.append(np.asarray(queries).shape[0])
+        masks = [align(q, support_images[0], support_masks[0])[1] if align else support_masks[0] for q in queries]
+        probs = torch.as_tensor(np.stack(masks), dtype=torch.float32)
+        return probs if return_probs else probs > 0.5
 
 
 def _squares(shape=(16, 16, 8)):
@@ -271,6 +278,73 @@ def test_chain_walks_outward_and_stops_where_the_organ_ends():
     assert len(stub.encoded) == 1 + 3
     with pytest.raises(ValueError, match="empty"):
         chain_segment(StubModel(), np.zeros((8, 16, 16)), 3, np.zeros((16, 16)))
+
+
+def test_chain_hooks_align_each_support_and_verify_each_step():
+    """align warps the previous slice's mask before the network; verify checks every result before it is
+    carried on, and a result it empties ends that direction."""
+    from lib.model.chain import chain_segment, walk
+
+    ann = np.zeros((16, 16), np.float32)
+    ann[4:10, 5:12] = 1
+    seen, checked = [], []
+
+    def align(query, image, mask):                       # moves the organ one pixel down per step
+        seen.append((query.shape, image.shape, mask.dtype))
+        return image, np.roll(mask, 1, axis=0)
+
+    def verify(z, mask):
+        checked.append(z)
+        return mask if z != 1 else np.zeros_like(mask)  # slice 1: "the organ ended"
+
+    masks, probs = chain_segment(StubModel(), np.random.default_rng(0).random((8, 16, 16)), 3, ann,
+                                 align=align, verify=verify)
+    assert seen == [((16, 16), (16, 16), np.dtype(bool))] * 6      # 4 steps up (4..7), 2 down (2, 1)
+    assert checked == [4, 5, 6, 7, 2, 1]
+    for z in range(4, 8):
+        assert np.array_equal(masks[z], np.roll(ann > 0, z - 3, axis=0))
+    assert masks[2].any() and not masks[1].any() and not masks[0].any()
+    assert np.array_equal(masks, probs > 0.5)
+    # walk alone: any step function; a direction ends after its first empty mask
+    visits = []
+    out = walk(6, 2, ann > 0, lambda a, b, m: visits.append((a, b)) or (m if b < 4 else np.zeros_like(m)))
+    assert visits == [(2, 3), (3, 4), (2, 1), (1, 0)] and sorted(out) == [0, 1, 2, 3, 4]
+
+
+def test_propagate_chain_registers_each_step_for_an_aligned_model():
+    """A model trained with registration-aligned supports (config align_support) gets them in the app's
+    propagation too: with the stub (prediction = the support mask it is given) the chain then follows
+    an organ that drifts 3 px per slice, where the unaligned chain copies the annotation."""
+    yy, xx = np.mgrid[0:64, 0:64]
+    blobs = [np.exp(-(((yy - 32) / 8.0) ** 2 + ((xx - 14 - 3 * z) / 7.0) ** 2)) for z in range(9)]
+    image = np.stack([0.2 + 0.7 * b for b in blobs], axis=-1).astype(np.float32)
+    truth = np.stack([b > 0.4 for b in blobs], axis=-1)
+    ann = np.zeros(image.shape, np.uint8)
+    ann[..., 4] = truth[..., 4]
+    dice = lambda a, z: 2 * (a & truth[..., z]).sum() / (a.sum() + truth[..., z].sum())  # noqa: E731
+    aligned = StubModel(size=64)
+    aligned.config.align_support = "registration"
+    res = propagate(aligned, image, ann, chain=True, gate=False, normalized=True)
+    plain = propagate(StubModel(size=64), image, ann, chain=True, gate=False, normalized=True)
+    assert min(dice(res.label[..., z] > 0, z) for z in (0, 8)) > 0.7
+    assert max(dice(plain.label[..., z] > 0, z) for z in (0, 8)) < 0.3
+
+
+def test_propagate_chain_across_volumes_seeds_at_the_relative_position_then_walks():
+    """support_image + chain: the query slice at the support slice's relative position is segmented from
+    the other volume once, and the walk carries that result through the query volume."""
+    support = np.random.default_rng(2).random((16, 16, 8)).astype(np.float32)
+    ann = np.zeros((16, 16, 8), np.uint8)
+    ann[3:9, 4:12, 2] = 1                                 # relative position 2/7 = 0.29 -> query slice 4 of 0..15
+    stub = StubModel()
+    res = propagate(stub, np.random.default_rng(3).random((16, 16, 16)), ann, support_image=support, chain=True,
+                    gate=False)
+    assert stub.segmented == [1] and len(stub.encoded) == 15                 # one seed, 15 walk steps
+    assert all(np.array_equal(res.label[..., z], ann[..., 2]) for z in range(16))
+    stub = StubModel()
+    propagate(stub, np.random.default_rng(3).random((16, 16, 16)), ann, support_image=support, chain=False,
+              gate=False)
+    assert stub.segmented == [] and len(stub.encoded) == 1                    # one support, all slices batched
 
 
 def test_propagate_chain_option_uses_neighbours_as_supports():

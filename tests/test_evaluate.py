@@ -223,6 +223,24 @@ def test_sdfsmis_runs_end_to_end_with_a_tiny_checkpoint(data, tmp_path):
     assert results["timings"]["calls"] == 6       # 2 queries x 3 chunks: one segment() call per chunk
 
 
+def test_sdfsmis_aligned_and_chained_runs_both_modes(data, tmp_path):
+    """A model with align_support + edit_prior, --chain --gate: propagation walks from the annotation;
+    protocol seeds each chunk's middle slice from the support (one model.segment call per chunk)."""
+    from lib.model import build_model, save_checkpoint
+
+    torch.manual_seed(0)
+    save_checkpoint(build_model("tiny", align_support="registration", edit_prior=True), tmp_path / "ckpt")
+    for mode in ("propagation", "protocol"):
+        out = tmp_path / mode
+        assert main(["--data", str(data), "--checkpoint", str(tmp_path / "ckpt"), "--organs", "a=1", "--folds", "0",
+                     "--mode", mode, "--chain", "--gate", "--out", str(out), "--no-progress",
+                     "--overlay-slices", "0"]) == 0
+        results = json.loads((out / "results.json").read_text())
+        described = results["models"]["0"] if mode == "protocol" else next(iter(results["models"].values()))
+        assert described["align_support"] == "registration" and described["chain"] and described["intensity_gate"]
+        assert all(0.0 <= r["dice"] <= 1.0 for r in results["per_volume"])
+
+
 def test_server_method_sends_the_prescribed_support_slice(data, tmp_path):
     """A fake MONAI Label client whose 'model' copies the saved support slice to every slice."""
 

@@ -182,6 +182,89 @@ def test_segment_any_size_numpy(model):
         model.segment(q, s_img, np.zeros_like(s_mask))
 
 
+def test_segment_with_align_runs_every_query_with_its_own_support(model):
+    """align: each query gets the support the callable returns for it; the identity alignment gives
+    the shared-support result, and per-query supports match `segment_pairs` exactly."""
+    rng = np.random.default_rng(1)
+    q = rng.random((3, 40, 50)).astype(np.float32)
+    s_img = rng.random((1, 40, 50)).astype(np.float32)
+    s_mask = np.zeros((1, 40, 50), bool)
+    s_mask[0, 10:30, 12:32] = True
+    calls = []
+
+    def identity(query, image, mask):
+        calls.append((query.shape, image.shape, mask.dtype))
+        return image, mask
+
+    shared = model.segment(q, s_img, s_mask, return_probs=True)
+    aligned = model.segment(q, s_img, s_mask, batch_size=2, return_probs=True, align=identity)
+    assert calls == [((40, 50), (40, 50), np.dtype(bool))] * 3
+    torch.testing.assert_close(aligned, shared, rtol=0, atol=1e-5)
+
+    shifted = [np.roll(s_mask[0], 3 * i, axis=1) for i in range(3)]
+    moved = iter(shifted)
+    out = model.segment(q, s_img, s_mask, return_probs=True, align=lambda qq, im, m: (im, next(moved)))
+    pairs = model.segment_pairs(q, np.repeat(s_img, 3, axis=0), np.stack(shifted), batch_size=3, return_probs=True)
+    torch.testing.assert_close(out, pairs, rtol=0, atol=1e-5)
+    assert not torch.allclose(out[0], out[2])                 # the supports differ, so do the results
+    with pytest.raises(ValueError, match="1-shot"):
+        model.segment(q, np.repeat(s_img, 2, axis=0), np.repeat(s_mask, 2, axis=0), align=identity)
+    with pytest.raises(ValueError, match="one support per query"):
+        model.segment_pairs(q, s_img, s_mask)
+    with pytest.raises(ValueError, match="support mask is empty"):
+        model.segment_pairs(q[:1], s_img, np.zeros_like(s_mask))
+
+
+def test_edit_prior_keeps_the_full_resolution_support_where_the_network_changes_nothing():
+    """edit_prior: where the prediction and the decoded support-mask latent agree, the result is the
+    support mask itself at full resolution; where they differ, the network's probability."""
+    from lib.model.sdfsmis import apply_prior_edits, resize_slices
+
+    p = torch.tensor([[0.9, 0.2, 0.7, 0.1]])
+    p0 = torch.tensor([[0.8, 0.3, 0.2, 0.6]])
+    prior = torch.tensor([[True, True, False, False]])
+    assert apply_prior_edits(p, p0, prior, 0.5).tolist() == [[1.0, 1.0, pytest.approx(0.7), pytest.approx(0.1)]]
+    assert np.allclose(apply_prior_edits(p.numpy(), p0.numpy(), prior.numpy(), 0.5), [[1, 1, 0.7, 0.1]])
+
+    torch.manual_seed(3)
+    m = build_model("tiny").eval()
+    with torch.no_grad():                                 # a non-zero residual, so the network edits
+        m.unet.conv_out.weight.normal_(0, 0.05)
+    rng = np.random.default_rng(2)
+    q = rng.random((2, 48, 48)).astype(np.float32)
+    s_img = rng.random((1, 48, 48)).astype(np.float32)
+    s_mask = np.zeros((1, 48, 48), bool)
+    s_mask[0, 10:31, 12:35] = True
+    plain = m.segment(q, s_img, s_mask, return_probs=True)
+    size = m.config.image_size
+    cache = m.encode_support(resize_slices(s_img, size), (resize_slices(s_mask.astype(np.float32), size) > 0.5).float())
+    p0 = resize_slices(m.decode_prior(cache), (48, 48))[:, 0]
+    m.config.edit_prior = True
+    edited = m.segment(q, s_img, s_mask, return_probs=True)
+    same = (plain > 0.5) == (p0 > 0.5)
+    assert 0 < int(same.sum()) < same.numel()
+    assert torch.equal(edited[same], torch.as_tensor(s_mask).expand_as(edited)[same].float())
+    assert torch.equal(edited[~same], plain[~same])
+    pairs = m.segment_pairs(q, np.repeat(s_img, 2, axis=0), np.repeat(s_mask, 2, axis=0), return_probs=True)
+    torch.testing.assert_close(pairs, edited, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="edit_prior needs prior_residual"):
+        build_model("tiny", edit_prior=True, prior_residual=False)
+    with pytest.raises(ValueError, match="none | registration"):
+        build_model("tiny", align_support="flow")
+
+
+def test_resize_mask_keeps_a_tiny_organ_per_slice():
+    from lib.model.sdfsmis import resize_mask
+
+    masks = np.zeros((2, 64, 64), np.float32)
+    masks[0, 10:40, 10:40] = 1            # large: > 0.5 after the shrink
+    masks[1, 5, 5] = 1                    # one pixel: nothing > 0.5 at 16 px, kept as any coverage
+    small = resize_mask(masks, 16)
+    assert small.shape == (2, 1, 16, 16)
+    assert 40 <= int(small[0].sum()) <= 64                 # 30 px square -> about 7.5 px at 16
+    assert 1 <= int(small[1].sum()) <= 4                 # survives although slice 0 has pixels > 0.5
+
+
 def test_training_step_reaches_new_layers(model):
     m = build_model("tiny")
     s = m.config.image_size
@@ -304,3 +387,16 @@ def test_mini_has_32x32_latents_and_no_attention_at_that_level():
         assert m.predict(img, m.encode_support(img[:1], mask[:1])).shape == (2, 1, 128, 128)
     sd = preset_config("sd15")                           # the paper's layout is unchanged
     assert sd.unet["down_block_types"][:3] == ["CrossAttnDownBlock2D"] * 3
+
+
+def test_the_model_package_imports_no_monai():
+    """DESIGN §1: lib/model imports torch / diffusers / transformers only, so it runs without MONAI."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import lib.model, lib.model.chain, lib.model.fast; "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('monai', 'monailabel', 'SimpleITK'));"
+            "print(bad); sys.exit(1 if bad else 0)")
+    run = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr

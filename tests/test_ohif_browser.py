@@ -132,7 +132,8 @@ def stack(tmp_path_factory):
         server = subprocess.Popen(
             [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(APP), "--studies", url,
              # untrained tiny weights: their masks are noise, which the intensity gate would rightly drop
-             "--conf", "preset", "tiny", "--conf", "gate", "false",
+             # and a chain would stop at; every slice straight from the annotation shows the workflow
+             "--conf", "preset", "tiny", "--conf", "gate", "false", "--conf", "chain", "false",
              "--host", "127.0.0.1", "--port", str(server_port)],
             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )

@@ -71,6 +71,13 @@ def test_mask_loss_term_is_dice_ce_of_the_decoded_prediction():
         term = mask_loss(model.decode_logits(pred), mask)
     assert float(term) > 0.1
     torch.testing.assert_close(total, mse + 2.0 * term, rtol=1e-5, atol=1e-6)
+    from monai.losses import DiceCELoss
+
+    logits = 3 * torch.randn(3, 1, 16, 16)
+    target = (torch.rand(3, 1, 16, 16) > 0.6).float()
+    target[1] = 0                                          # an empty target slice too
+    reference = DiceCELoss(sigmoid=True, smooth_nr=1.0, smooth_dr=1.0)(logits, target)
+    torch.testing.assert_close(mask_loss(logits, target), reference, rtol=1e-5, atol=1e-6)
 
 
 def test_train_publishes_a_checkpoint_logs_and_resumes(dataset, tmp_path):
@@ -172,3 +179,32 @@ def test_stop_at_ends_early_on_the_full_schedule(dataset, tmp_path):
     base = build_model("tiny").config.lr_unet
     assert [x["iteration"] for x in lines] == [1, 2]
     assert lines[-1]["lr"][0] == pytest.approx(base * lr_factor(2, 6, 0, "cosine"))   # planned for 6, not 2
+
+
+def test_align_registers_each_support_and_is_recorded_in_the_model(dataset, tmp_path, monkeypatch):
+    """--align registration: every episode's support is registered onto its query before augmentation,
+    and the published config says so (inference then aligns too); a resumed run keeps it."""
+    import lib.train as lt
+    from lib.transforms.align import SliceAligner
+
+    aligned = []
+    original = SliceAligner.align_episode
+
+    def spy(self, episode):
+        aligned.append(episode["support_image"].shape)
+        return original(self, episode)
+
+    monkeypatch.setattr(SliceAligner, "align_episode", spy)
+    res = train(_opts(dataset, tmp_path / "run", tmp_path, iterations=2, align="registration"))
+    size = build_model("tiny").config.image_size
+    assert aligned == [(size, size)] * 4                         # 2 iterations x batch 2, at network size
+    assert load_checkpoint(res.model_dir).config.align_support == "registration"
+    aligned.clear()
+    train(_opts(dataset, tmp_path / "run", tmp_path, iterations=3))   # resumed: the model's own setting
+    assert len(aligned) == 2
+    aligned.clear()
+    train(_opts(dataset, tmp_path / "plain", tmp_path, iterations=1))
+    assert aligned == [] and read_meta(tmp_path / "plain" / "model")["model"]["align_support"] == "none"
+    with pytest.raises(ValueError, match="unknown support alignment"):
+        train(_opts(dataset, tmp_path / "bad", tmp_path, iterations=1, align="flow"))
+    assert lt.parse_args(["d", "--out", "o", "--align", "registration"]).align == "registration"

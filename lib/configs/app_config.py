@@ -33,8 +33,8 @@ class AppConfig:
     batch_size: int = 8                # query slices per forward pass
     label_tag: str = "final"           # datastore tag of saved annotations used as support
     merge: str = "probability"         # how overlapping organs are resolved
-    chain: bool = False                # same volume: segment slice by slice outward from the annotation
-    gate: bool = True                  # same volume: keep predicted pixels in the support organ's intensity range
+    chain: bool = True                 # walk slice by slice from the annotation (across volumes: from a seed slice)
+    gate: bool = True                  # keep predicted pixels in the organ's intensity range (never vs another volume)
     train_dir: str | None = None       # trainer output; None = <app>/model/trained
     use_trained: bool = True           # serve <train_dir>/model when it exists and matches
     result_extension: str = ".nii.gz"  # default result file type (a request may override)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lib.transforms.postprocess import intensity_gate, largest_component
+from lib.transforms.postprocess import chain_gate, intensity_gate, largest_component
 
 METHODS = ("sdfsmis", "copy", "registration")
 
@@ -25,7 +25,9 @@ class ArrayMethod:
     """
 
     name = "array"
-    gate = False
+
+    def __init__(self, gate: bool = False):
+        self.gate = gate
 
     def _arrays(self, dataset, job, group):
         """-> query (N, H, W), support image (1, H, W), support mask bool (1, H, W) of the group."""
@@ -46,6 +48,11 @@ class ArrayMethod:
         query, support_image, support_mask = arrays or self._arrays(dataset, job, group)
         return intensity_gate(query, masks, support_image, support_mask)
 
+    def verifier(self, stack: np.ndarray, start: int, seed: np.ndarray):
+        """The per-step check of a chained walk over `stack` (N, H, W) from the annotated slice `start`
+        (mask `seed`): the intensity gate against the annotation when `gate` is set, else None."""
+        return chain_gate(stack, start, seed) if self.gate else None
+
     def segment(self, query, support_image, support_mask) -> np.ndarray:
         raise NotImplementedError
 
@@ -65,140 +72,108 @@ class CopyMethod(ArrayMethod):
 
 
 class RegistrationMethod(ArrayMethod):
-    """Baseline: 2D registration of the support slice to each query slice (SimpleITK), then the
-    support mask warped with nearest neighbour.
-
-    Both slices are block-averaged by `shrink` (256 -> 64 px); affine with mean squares
-    (regular-step gradient descent, `affine_iterations`), the metric restricted to the support
-    organ dilated by `mask_margin` px; then `demons_iterations` of fast symmetric-forces demons
-    (Gaussian sigma `demons_sigma`, in shrunk pixels). Deterministic; `threads` ITK threads.
+    """Baseline: 2D registration of the support slice to each query slice, then the support mask
+    warped with nearest neighbour (lib.transforms.align.SliceAligner: affine + demons on a 64 px
+    grid, the metric restricted to the support organ dilated by 40 px at 256; deterministic).
 
     `chain` (propagation inside one volume): register each slice to its neighbour towards the
-    annotated slice and warp that neighbour's result, walking outward one slice at a time.
+    annotated slice and warp that neighbour's result, walking outward one slice at a time
+    (lib.model.chain.walk); with the gate on, each step's result is gated before it is carried on.
     """
 
     name = "registration"
 
-    def __init__(self, shrink: int = 4, affine_iterations: int = 30, mask_margin: int = 40,
-                 demons_iterations: int = 20, demons_sigma: float = 1.5, threads: int = 1,
-                 chain: bool = False):
-        import SimpleITK as sitk
+    def __init__(self, threads: int = 1, chain: bool = False, gate: bool = False, **params):
+        from lib.transforms.align import SliceAligner
 
-        self.sitk = sitk
-        sitk.ProcessObject_SetGlobalDefaultNumberOfThreads(int(threads))
-        self.params = {"shrink": shrink, "affine_iterations": affine_iterations, "mask_margin": mask_margin,
-                       "demons_iterations": demons_iterations, "demons_sigma": demons_sigma,
-                       "threads": threads, "metric": "MeanSquares", "transform": "affine + demons",
-                       "chain": chain}
-        self.failures = 0
+        super().__init__(gate)
+        self.aligner = SliceAligner(threads=threads, **params)
+        self.chain = chain
 
     def describe(self) -> dict:
-        return {"method": self.name, **self.params, "intensity_gate": self.gate,
-                "failures_fell_back_to_copy": self.failures}
-
-    def _small(self, arr: np.ndarray):
-        """(H, W) -> SimpleITK image block-averaged by k, placed in full-resolution pixel coordinates."""
-        k = self.params["shrink"]
-        h, w = arr.shape[0] // k, arr.shape[1] // k
-        small = arr[: h * k, : w * k].reshape(h, k, w, k).mean(axis=(1, 3)).astype(np.float32)
-        img = self.sitk.GetImageFromArray(small)
-        img.SetSpacing((float(k), float(k)))
-        img.SetOrigin(((k - 1) / 2.0, (k - 1) / 2.0))
-        return img
-
-    def register(self, fixed: np.ndarray, moving: np.ndarray, moving_mask: np.ndarray):
-        """Transform mapping fixed (query) points to moving (support) points."""
-        sitk, p = self.sitk, self.params
-        f, m = self._small(fixed), self._small(moving)
-        reg = sitk.ImageRegistrationMethod()
-        reg.SetMetricAsMeanSquares()
-        if p["mask_margin"]:
-            radius = max(1, int(round(p["mask_margin"] / p["shrink"])))
-            organ = sitk.Cast(self._small(moving_mask.astype(np.float32)) > 0, sitk.sitkUInt8)
-            reg.SetMetricMovingMask(sitk.BinaryDilate(organ, [radius, radius]))
-        reg.SetInterpolator(sitk.sitkLinear)
-        reg.SetOptimizerAsRegularStepGradientDescent(1.0, 1e-3, p["affine_iterations"], relaxationFactor=0.6)
-        reg.SetOptimizerScalesFromPhysicalShift()
-        reg.SetInitialTransform(sitk.AffineTransform(2), inPlace=False)   # slices share the pixel grid
-        tx = reg.Execute(f, m)
-        if p["demons_iterations"]:
-            warped = sitk.Resample(m, f, tx, sitk.sitkLinear, 0.0)
-            demons = sitk.FastSymmetricForcesDemonsRegistrationFilter()
-            demons.SetNumberOfIterations(p["demons_iterations"])
-            demons.SetStandardDeviations(p["demons_sigma"])
-            field = demons.Execute(f, warped)
-            tx = sitk.CompositeTransform([tx, sitk.DisplacementFieldTransform(field)])
-        return tx
-
-    def warp(self, fixed: np.ndarray, moving: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """(H, W) slices and the moving slice's bool mask -> that mask warped onto `fixed`
-        (unchanged when registration fails, e.g. too few samples inside the mask)."""
-        sitk = self.sitk
-        try:
-            tx = self.register(fixed, moving, mask)
-        except RuntimeError:
-            self.failures += 1
-            return mask
-        warped = sitk.Resample(sitk.GetImageFromArray(mask.astype(np.uint8)), sitk.GetImageFromArray(fixed), tx,
-                               sitk.sitkNearestNeighbor, 0)
-        return sitk.GetArrayFromImage(warped).astype(bool)
+        return {"method": self.name, **self.aligner.params, "chain": self.chain, "intensity_gate": self.gate,
+                "failures_fell_back_to_copy": self.aligner.failures}
 
     def segment(self, query, support_image, support_mask) -> np.ndarray:
         moving = np.asarray(support_image[0], dtype=np.float32)
         mask = np.asarray(support_mask[0]).astype(bool)
-        return np.stack([self.warp(fixed, moving, mask) for fixed in np.asarray(query, dtype=np.float32)])
+        return np.stack([self.aligner.warp_mask(fixed, moving, mask) for fixed in np.asarray(query, dtype=np.float32)])
 
     def run_group(self, dataset, job, group) -> np.ndarray:
         """Chained (`chain`) when support and queries are one volume; else every query from the support."""
-        if not self.params["chain"] or group.support != job.query:
+        if not self.chain or group.support != job.query:
             return super().run_group(dataset, job, group)
+        from lib.model.chain import walk
+
         image, label, _ = dataset.load(job.query)
-        z0 = group.support_z
-        masks = {z0: label[..., z0] == job.label}
         lo, hi = chain_extent(group)
-        for step in (1, -1):
-            for z in range(z0 + step, (hi + 1) if step > 0 else (lo - 1), step):
-                prev = masks[z - step]
-                fixed, moving = (np.asarray(image[..., i], dtype=np.float32) for i in (z, z - step))
-                masks[z] = self.warp(fixed, moving, prev) if prev.any() else prev
-        return self.gated(np.stack([masks[z] for z in group.query_z]), dataset, job, group)
+        stack = np.moveaxis(image[..., lo:hi + 1], -1, 0)
+        start, seed = group.support_z - lo, label[..., group.support_z] == job.label
+        verify = self.verifier(stack, start, seed)
+
+        def step(a, b, mask):
+            warped = self.aligner.warp_mask(stack[b], stack[a], mask)
+            return warped if verify is None else verify(b, warped)
+
+        masks = walk(len(stack), start, seed, step)
+        empty = np.zeros_like(seed)
+        return np.stack([masks.get(z - lo, empty) for z in group.query_z])
 
 
 class SDFSMISMethod(ArrayMethod):
-    """The SD-FSMIS model in-process: one segment() call per group (support branch once)."""
+    """The SD-FSMIS model in-process: one segment() call per group (support branch once), or, for a
+    model with `align_support`, the support registered onto every query first (lib.transforms.align).
+    Chained (`chain`), the gate checks every step before its result is carried on."""
 
     name = "sdfsmis"
 
     def __init__(self, model, batch_size: int = 8, info: dict | None = None, chain: bool = False,
-                 largest: bool = True, gate: bool = False):
+                 largest: bool = True, gate: bool = False, threads: int = 1):
+        from lib.transforms.align import support_aligner
+
+        super().__init__(gate)
         self.model = model
         self.batch_size = batch_size
         self.info = info or {}
         self.chain = chain
         self.largest = largest
-        self.gate = gate
+        self.aligner = support_aligner(model.config.align_support, threads=threads)
 
     def describe(self) -> dict:
         return {"method": self.name, "batch_size": self.batch_size, "chain": self.chain,
-                "largest_component": self.largest, "intensity_gate": self.gate, **self.info}
+                "largest_component": self.largest, "intensity_gate": self.gate,
+                "align_support": self.model.config.align_support, **self.info}
 
     def run_group(self, dataset, job, group) -> np.ndarray:
-        """Chained (--chain) when support and queries are one volume; else one support for all."""
-        if not self.chain or group.support != job.query:
+        """Chained (--chain): inside one volume from the annotated slice; across volumes from the
+        group's middle query slice, segmented from the support (`seeded_chain`). Else one support for all."""
+        if not self.chain:
             masks = super().run_group(dataset, job, group)
         else:
-            from lib.model.chain import chain_segment
+            from lib.model.chain import chain_segment, seeded_chain
 
+            align = self.aligner and self.aligner.align
             image, label, _ = dataset.load(job.query)
-            lo, hi = chain_extent(group)
-            stack = np.moveaxis(image[..., lo:hi + 1], -1, 0)                     # (hi - lo + 1, H, W)
-            masks, _ = chain_segment(self.model, stack, group.support_z - lo, label[..., group.support_z] == job.label)
-            masks = self.gated(masks[np.asarray(group.query_z) - lo], dataset, job, group)
+            if group.support == job.query:
+                lo, hi = chain_extent(group)
+                stack = np.moveaxis(image[..., lo:hi + 1], -1, 0)                 # (hi - lo + 1, H, W)
+                start, seed = group.support_z - lo, label[..., group.support_z] == job.label
+                masks, _ = chain_segment(self.model, stack, start, seed, verify=self.verifier(stack, start, seed),
+                                         align=align)
+            else:
+                lo, hi = min(group.query_z), max(group.query_z)
+                stack = np.moveaxis(image[..., lo:hi + 1], -1, 0)
+                s_img, s_lbl, _ = dataset.load(group.support)
+                masks, _ = seeded_chain(self.model, stack, group.query_z[len(group.query_z) // 2] - lo,
+                                        s_img[..., group.support_z], s_lbl[..., group.support_z] == job.label,
+                                        align=align, verify_for=chain_gate if self.gate else None)
+            masks = masks[np.asarray(group.query_z) - lo]
         return largest_component(masks) if self.largest else masks
 
     def segment(self, query, support_image, support_mask) -> np.ndarray:
         import torch
 
         with torch.inference_mode():
-            masks = self.model.segment(query, support_image, support_mask, batch_size=self.batch_size)
+            masks = self.model.segment(query, support_image, support_mask, batch_size=self.batch_size,
+                                       align=self.aligner and self.aligner.align)
         return masks.cpu().numpy().astype(bool)

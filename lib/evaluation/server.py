@@ -28,6 +28,7 @@ class ServerMethod(ArrayMethod):
     name = "server"
 
     def __init__(self, url: str, dataset_name: str, model: str = "sdfsmis", client=None, tmpdir=None):
+        super().__init__(gate=False)        # the app applies its own gate
         self._tmp = tempfile.TemporaryDirectory(prefix="eval-server-") if tmpdir is None else None
         self.tmpdir = Path(tmpdir or self._tmp.name)
         if client is None:

@@ -11,10 +11,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from lib.model.chain import chain_segment
+from lib.model.chain import chain_segment, seeded_chain
 from lib.model.sdfsmis import resize_mask, resize_slices
 from lib.transforms import normalize_volume
-from lib.transforms.postprocess import intensity_gate
+from lib.transforms.align import support_aligner
+from lib.transforms.postprocess import chain_gate, intensity_gate
 
 MERGE_RULES = ("probability", "order")
 
@@ -128,10 +129,16 @@ def propagate(
     Each query slice uses, per organ, the nearest slice annotated with that organ (one support encoding
     per organ and support slice, queries in batches of `batch_size`).
     chain: inside one volume, walk slice by slice outward from each annotated slice instead, each result
-        the next support (lib.model.chain); a walk ends where the organ disappears. Ignored across volumes.
-    gate: inside one volume, keep only predicted pixels in the intensity range of the organ's support
-        slice, and drop slices where little of the mask is left (lib.transforms.postprocess.intensity_gate).
-        Ignored across volumes, whose intensity scales differ (it cost 10 Dice points on Abd-CT there).
+        the next support (lib.model.chain); a walk ends where the organ disappears. Across volumes, the
+        query slice at the support slice's relative position is segmented from the support, and the walk
+        starts there (`seeded_chain`).
+    gate: keep only predicted pixels in the organ's intensity range, and drop slices where little of
+        the mask is left (lib.transforms.postprocess.intensity_gate). Inside one volume the range is the
+        annotation's; chained, every step is gated before it becomes the next support. Across volumes it
+        is applied only in a chain, against the seed result in the query volume itself: each volume has
+        its own intensity scale (gating against the support cost 10 Dice points on Abd-CT).
+    A model whose config has `align_support = "registration"` gets every support registered onto its
+    query slice first (lib.transforms.align), as it was trained.
     merge: "probability" (a voxel above threshold for several organs gets the most probable one; equal
         probabilities go to the later organ) or "order" (later organ values overwrite earlier ones).
     normalized: the volumes are already scaled to [0, 1] (else lib.transforms.normalize_volume).
@@ -158,10 +165,13 @@ def propagate(
     result = PropagationResult(out, organs, copied=copied)
     step = max(1, int(batch_size))
 
-    def paint(value: int, zs: np.ndarray, probs: np.ndarray, z_s: int) -> None:
+    aligner = support_aligner(getattr(model.config, "align_support", "none"))
+    align = aligner.align if aligner is not None else None
+
+    def paint(value: int, zs: np.ndarray, probs: np.ndarray, z_s: int, gated: bool = False) -> None:
         """probs (H, W, len(zs)) of organ `value` on slices zs, support slice z_s -> out (and best)."""
         fg = probs > thr
-        if gate and same_volume:
+        if gate and same_volume and not gated:
             fg = np.moveaxis(intensity_gate(_slices(query, zs), np.moveaxis(fg, -1, 0), _slices(support, z_s),
                                             _slices(label, z_s) == value), 0, -1)
         if best is not None:
@@ -182,10 +192,30 @@ def propagate(
             targets = query_z[assign == z_s]
             if chain and same_volume:
                 lo, hi = int(min(targets.min(), z_s)), int(max(targets.max(), z_s))
-                _, probs = chain_segment(model, np.moveaxis(query[..., lo:hi + 1], -1, 0), int(z_s) - lo,
-                                         mask[..., z_s], threshold=thr)
+                stack, start = np.moveaxis(query[..., lo:hi + 1], -1, 0), int(z_s) - lo
+                _, probs = chain_segment(model, stack, start, mask[..., z_s], threshold=thr, align=align,
+                                         verify=chain_gate(stack, start, mask[..., z_s]) if gate else None)
                 result.forward_passes += hi - lo
-                paint(value, targets, np.moveaxis(probs[targets - lo], 0, -1), z_s)
+                paint(value, targets, np.moveaxis(probs[targets - lo], 0, -1), z_s, gated=True)
+                continue
+            if chain:                         # across volumes: one slice from the support, then a walk
+                lo, hi = int(targets.min()), int(targets.max())
+                rel = np.abs(targets / max(n_query - 1, 1) - z_s / max(support.shape[-1] - 1, 1))
+                seed = int(targets[np.argmin(rel)]) - lo
+                _, probs = seeded_chain(model, np.moveaxis(query[..., lo:hi + 1], -1, 0), seed,
+                                        support[..., z_s], mask[..., z_s], threshold=thr, align=align,
+                                        verify_for=chain_gate if gate else None)
+                result.forward_passes += hi - lo + 1
+                paint(value, targets, np.moveaxis(probs[targets - lo], 0, -1), z_s, gated=True)
+                continue
+            if align is not None:
+                s_img, s_mask = _slices(support, z_s)[0], _slices(mask, z_s)[0]
+                for i in range(0, targets.size, step):
+                    zs = targets[i:i + step]
+                    probs = model.segment(_slices(query, zs), s_img[None], s_mask[None], batch_size=step,
+                                          threshold=thr, return_probs=True, align=align).numpy()   # (B, H, W)
+                    result.forward_passes += 1
+                    paint(value, zs, np.moveaxis(probs, 0, -1), z_s)
                 continue
             s_img = resize_slices(_slices(support, z_s), size)
             s_mask = resize_mask(_slices(mask, z_s).astype(np.float32), size)

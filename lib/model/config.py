@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+ALIGNMENTS = ("none", "registration")  # align_support values (lib.transforms.align does the registration)
+
 
 @dataclass
 class SDFSMISConfig:
@@ -33,6 +35,8 @@ class SDFSMISConfig:
     query_prior: str = "none"      # support latents also fed to the query branch: none [paper] | mask | image+mask
     prior_residual: bool = False   # predict a correction added to the support-mask latent (needs a query_prior)
     mask_loss_weight: float = 0.0  # weight of Dice + BCE on the decoded query mask (0: latent MSE only [paper])
+    align_support: str = "none"    # support warped onto each query before the network: none [paper] | registration
+    edit_prior: bool = False       # prior_residual: apply the network's changes to the full-resolution support mask
     sources: dict[str, Any] = field(default_factory=dict)  # where pretrained parts came from
 
     @property

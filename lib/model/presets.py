@@ -62,14 +62,16 @@ PRESETS: dict[str, SDFSMISConfig] = {
     # gives 32x32 latents (masks decode at Dice 0.93; a 4-level one's 16x16 latents cap them at 0.88);
     # the UNet's 32x32 level has no attention, so a step costs about what it did at 16x16.
     # Its VAE is trained first (`python -m lib.train --stage vae`) and its VTCT encoder is trained too.
-    # Trained from scratch, it needs two additions to learn at all (docs/model.md): the support-mask
-    # prior in the query branch and a Dice + BCE term on the decoded mask.
+    # Trained from scratch, it needs additions to learn at all (docs/model.md): the support-mask
+    # prior in the query branch, a Dice + BCE term on the decoded mask, and supports registered onto
+    # each query (align_support), whose full-resolution mask the network's changes are applied to
+    # (edit_prior).
     "mini": SDFSMISConfig(
         preset="mini", unet=_unet([32, 64, 128, 128], 4, 128, 16, 32, plain_top=True), vae=_vae([8, 16, 32], 8),
         dino=dict(DINOV2_SMALL, hidden_size=96, num_hidden_layers=4, num_attention_heads=3, image_size=112),
         image_size=128, dino_size=112, n_tokens=4, vtct_hidden=256, train_encoder=True,
         lr_unet=3e-4, lr_new=3e-4, batch_size=4, iterations=2500, mask_loss_weight=1.0,
-        query_prior="image+mask", prior_residual=True,
+        query_prior="image+mask", prior_residual=True, align_support="registration", edit_prior=True,
     ),
     # Smallest widths, 64x64 inputs: for tests only.
     "tiny": SDFSMISConfig(

@@ -10,12 +10,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from monai.losses import DiceCELoss
 from torch import nn
 from transformers import Dinov2Model
 
 from lib.model.cache import SupportCache
-from lib.model.config import SDFSMISConfig
+from lib.model.config import ALIGNMENTS, SDFSMISConfig
 from lib.model.conv_in import widen_conv_in
 from lib.model.qe import downsample_mask, enhance_query, masked_average
 from lib.model.sii import SIIContext, add_sii, sii_parameters
@@ -26,8 +25,16 @@ QUERY_PRIORS = ("none", "mask", "image+mask")  # config.query_prior; index + 2 =
 MASK_LOGIT_SCALE = 4.0  # decoded value in [-1, 1] -> logit (±1 -> probability 0.98 / 0.02)
 
 
-# Soft Dice (per slice) + BCE on logits: (N, 1, S, S) logits and masks -> scalar.
-mask_loss = DiceCELoss(sigmoid=True, smooth_nr=1.0, smooth_dr=1.0)
+def mask_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Soft Dice per slice (smoothing 1) + BCE on logits: (N, 1, S, S) logits and masks -> scalar.
+
+    The same number as MONAI's `DiceCELoss(sigmoid=True, smooth_nr=1, smooth_dr=1)` (checked in the
+    tests); written out because lib/model imports no MONAI (DESIGN §1).
+    """
+    prob = torch.sigmoid(logits)
+    dims = tuple(range(2, logits.ndim))
+    dice = 1 - (2 * (prob * target).sum(dims) + 1) / (prob.sum(dims) + target.sum(dims) + 1)
+    return dice.mean() + F.binary_cross_entropy_with_logits(logits, target)
 
 
 class SDFSMIS(nn.Module):
@@ -45,6 +52,10 @@ class SDFSMIS(nn.Module):
         if config.query_prior not in QUERY_PRIORS:
             raise ValueError(f"query_prior {config.query_prior!r}: choose one of {' | '.join(QUERY_PRIORS)}")
         self.conv_in_query = widen_conv_in(unet.conv_in, 2 + QUERY_PRIORS.index(config.query_prior))
+        if config.align_support not in ALIGNMENTS:
+            raise ValueError(f"align_support {config.align_support!r}: choose one of {' | '.join(ALIGNMENTS)}")
+        if config.edit_prior and not config.prior_residual:
+            raise ValueError("edit_prior needs prior_residual (the network's output must be a change of the prior)")
         if config.prior_residual:
             # the UNet predicts a correction of the support-mask latent; zero output conv: starts as a copy
             if config.query_prior == "none":
@@ -192,6 +203,16 @@ class SDFSMIS(nn.Module):
             return self.decode(self.query_branch(query_images.to(self.device), cache)).float()
 
     @torch.inference_mode()
+    def decode_prior(self, cache: SupportCache) -> torch.Tensor:
+        """The support-mask latent of the query prior, decoded: (G, 1, S, S) in [0, 1] (what a
+        `prior_residual` model predicts when it changes nothing)."""
+        if cache.prior is None:
+            raise ValueError("this model has no query prior")
+        c = self.vae.config.latent_channels
+        with self._autocast():
+            return self.decode(cache.prior[:, :c]).float()
+
+    @torch.inference_mode()
     def predict_uncached(self, query_images, support_images, support_masks) -> torch.Tensor:
         """As `predict`, recomputing the support branch for every query (the reference behaviour)."""
         b, k = query_images.shape[0], support_images.shape[0]
@@ -202,11 +223,14 @@ class SDFSMIS(nn.Module):
         return self.decode(self.query_branch(query_images.to(self.device), cache)).float()
 
     def segment(self, query_images, support_images, support_masks, batch_size: int = 8,
-                threshold: float | None = None, return_probs: bool = False) -> torch.Tensor:
+                threshold: float | None = None, return_probs: bool = False, align=None) -> torch.Tensor:
         """Any slice size, numpy or torch. query (N, H, W) in [0, 1]; support images/masks (k, H', W').
 
-        One k-shot support serves all N queries (support branch once). Returns bool (N, H, W) on CPU
-        (or the float probabilities with return_probs=True).
+        One k-shot support serves all N queries (support branch once). With `align` (a callable
+        (query (H, W), support image (H, W), support mask (H, W)) -> (image, mask), e.g.
+        lib.transforms.align.SliceAligner.align; 1-shot, one slice grid), every query gets the support
+        warped onto it instead, and the support branch runs once per query (`segment_pairs`).
+        Returns bool (N, H, W) on CPU (or the float probabilities with return_probs=True).
         """
         q = _as_slices(query_images, "query_images")
         s_img = _as_slices(support_images, "support_images")
@@ -215,17 +239,73 @@ class SDFSMIS(nn.Module):
             raise ValueError(f"support images {tuple(s_img.shape)} and masks {tuple(s_mask.shape)} differ in shape")
         if not (s_mask > 0.5).any():
             raise ValueError("the support mask is empty: annotate the organ on the support slice")
-        size = self.config.image_size
+        if align is not None:
+            if s_img.shape[0] != 1:
+                raise ValueError(f"an aligned support is 1-shot, got {s_img.shape[0]} support slices")
+            pairs = [align(qi[0].numpy(), s_img[0, 0].numpy(), s_mask[0, 0].numpy() > 0.5) for qi in q]
+            return self.segment_pairs(q[:, 0], np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs]),
+                                      batch_size, threshold, return_probs)
+        size, thr = self.config.image_size, self._thr(threshold)
         cache = self.encode_support(resize_slices(s_img, size), (resize_slices(s_mask, size) > 0.5).float())
+        edit = self.config.edit_prior and s_mask.shape[0] == 1
+        if edit:
+            prior = resize_slices(self.decode_prior(cache).cpu(), q.shape[-2:])[:, 0]          # (1, H, W)
+            prior_mask = resize_slices(s_mask, q.shape[-2:])[:, 0] > 0.5
         out = []
         for start in range(0, q.shape[0], max(1, batch_size)):
             chunk = q[start:start + batch_size]
-            probs = self.predict(resize_slices(chunk, size), cache)
-            out.append(resize_slices(probs.cpu(), q.shape[-2:])[:, 0])
-        probs = torch.cat(out) if out else torch.zeros(q.shape)
-        if return_probs:
-            return probs
-        return probs > (self.config.threshold if threshold is None else threshold)
+            probs = resize_slices(self.predict(resize_slices(chunk, size), cache).cpu(), q.shape[-2:])[:, 0]
+            out.append(apply_prior_edits(probs, prior, prior_mask, thr) if edit else probs)
+        probs = torch.cat(out) if out else torch.zeros(q.shape[0], *q.shape[-2:])
+        return probs if return_probs else probs > thr
+
+    def segment_pairs(self, query_images, support_images, support_masks, batch_size: int = 8,
+                      threshold: float | None = None, return_probs: bool = False) -> torch.Tensor:
+        """N queries (N, H, W), each with its own 1-shot support (N, H', W') -> bool (N, H, W) on CPU
+        (or probabilities). The support branch runs for every pair, `batch_size` pairs at a time."""
+        q = _as_slices(query_images, "query_images")
+        s_img = _as_slices(support_images, "support_images")
+        s_mask = _as_slices(support_masks, "support_masks")
+        if not (q.shape[0] == s_img.shape[0] == s_mask.shape[0]) or s_img.shape != s_mask.shape:
+            raise ValueError(f"pairs need one support per query: query {tuple(q.shape)}, support images "
+                             f"{tuple(s_img.shape)}, masks {tuple(s_mask.shape)}")
+        size, thr, full = self.config.image_size, self._thr(threshold), q.shape[-2:]
+        out = []
+        for start in range(0, q.shape[0], max(1, batch_size)):
+            sl = slice(start, start + max(1, batch_size))
+            masks = resize_mask(s_mask[sl], size).float()
+            if not masks.flatten(1).any(dim=1).all():
+                raise ValueError("a support mask is empty: every pair needs the organ on its support slice")
+            with torch.inference_mode(), self._autocast():
+                cache = self.support_branch(resize_slices(s_img[sl], size).to(self.device), masks.to(self.device),
+                                            groups=masks.shape[0])
+                probs = self.decode(self.query_branch(resize_slices(q[sl], size).to(self.device), cache)).float()
+            probs = resize_slices(probs.cpu(), full)[:, 0]
+            if self.config.edit_prior:
+                prior = resize_slices(self.decode_prior(cache).cpu(), full)[:, 0]
+                probs = apply_prior_edits(probs, prior, resize_slices(s_mask[sl], full)[:, 0] > 0.5, thr)
+            out.append(probs)
+        probs = torch.cat(out) if out else torch.zeros(q.shape[0], *full)
+        return probs if return_probs else probs > thr
+
+    def _thr(self, threshold: float | None) -> float:
+        return float(self.config.threshold if threshold is None else threshold)
+
+
+def apply_prior_edits(probs, prior_probs, prior_masks, threshold: float):
+    """The network's changes applied to the full-resolution prior (config `edit_prior`).
+
+    probs, prior_probs: (N, H, W) probabilities of the prediction and of the decoded support-mask
+    latent (what a `prior_residual` network predicts when it changes nothing), both upsampled from
+    network size; prior_masks: (N, H, W) the support masks on the query grid. Where the two decisions
+    at `threshold` agree, the network left the prior alone, and the prior mask's own pixels (1 / 0) are
+    kept; elsewhere the network's probability. torch or numpy in, the same out.
+    """
+    if torch.is_tensor(probs):
+        same = (probs > threshold) == (prior_probs > threshold)
+        return torch.where(same, torch.as_tensor(prior_masks).to(probs.dtype), probs)
+    same = (np.asarray(probs) > threshold) == (np.asarray(prior_probs) > threshold)
+    return np.where(same, np.asarray(prior_masks, dtype=np.float32), probs).astype(np.float32)
 
 
 def _as_slices(x, name: str) -> torch.Tensor:
@@ -240,9 +320,11 @@ def _as_slices(x, name: str) -> torch.Tensor:
 
 def resize_mask(mask, size) -> torch.Tensor:
     """(N, H, W) or (N, 1, H, W) binary mask -> bool (N, 1, *size): > 0.5 after `resize_slices`, or any
-    coverage at all when that leaves nothing (a tiny organ must survive the shrink to network size)."""
+    coverage at all on a slice where that leaves nothing (a tiny organ must survive the shrink to network size)."""
     small = resize_slices(mask, size)
-    return (small > 0.5) if (small > 0.5).any() else (small > 0)
+    strict = small > 0.5
+    empty = ~strict.flatten(1).any(dim=1)                      # per slice: nothing above 0.5 left
+    return torch.where(empty.view(-1, 1, 1, 1), small > 0, strict)
 
 
 def resize_slices(x, size) -> torch.Tensor:
