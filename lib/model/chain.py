@@ -1,10 +1,10 @@
-"""Chained propagation inside one volume: each slice is segmented from its neighbour's result.
+"""Chained propagation: each slice of a volume is segmented from its neighbour's result.
 
 The training episodes are near-slice pairs, so a one-slice step is the task the network learned.
 Starting at an annotated slice, the chain walks outward one slice at a time, each result becoming the
 next support; a direction ends where the organ disappears (an empty result), so the chain also finds
 where the organ ends. `walk` is the walk itself, for any step (the network here, registration in the
-evaluation's baseline).
+evaluation's baseline); `seeded_chain` starts it from a slice segmented from another volume.
 
 Two hooks keep this module free of SimpleITK and scipy: `align` warps the previous slice and its mask
 onto the next one before the network sees them (lib.transforms.align, the `mini` model's
