@@ -276,7 +276,8 @@ def train(opts: TrainOptions, progress: Callable[[dict], None] | None = None,
             raise ValueError("mask_loss_weight must be >= 0")
         cfg.mask_loss_weight = float(opts.mask_loss_weight)
     if opts.align is not None:
-        support_aligner(opts.align)                                  # unknown names fail here
+        if opts.align not in ALIGNMENTS:
+            raise ValueError(f"unknown support alignment {opts.align!r}: choose one of {' | '.join(ALIGNMENTS)}")
         cfg.align_support = opts.align
     aligner = support_aligner(cfg.align_support) if opts.stage == "sdfsmis" else None
     iterations = int(opts.iterations or cfg.iterations)
