@@ -24,6 +24,7 @@ from lib.infers.batch import SDFSMISBatchInfer  # noqa: E402
 from lib.infers.model_store import ModelStore  # noqa: E402
 from lib.infers.sdfsmis import SDFSMISInfer  # noqa: E402
 from lib.infers.support import REQUEST_KEY, check_image, resolve_support  # noqa: E402
+from lib.server import workers  # noqa: E402
 from lib.trainers import graceful_stop  # noqa: E402
 from lib.trainers.sdfsmis import SDFSMISTrain  # noqa: E402
 
@@ -74,6 +75,8 @@ class SDFSMISApp(MONAILabelApp):
 
     def on_init_complete(self):
         super().on_init_complete()
+        if self.cfg.model_workers:   # infers and uploads in worker threads: the event loop keeps answering
+            workers.install(self.cfg.model_workers)
         self.store.get()   # load now (server only; train / batch subprocesses load on first use)
         trainer = self._trainers.get("sdfsmis")
         if trainer is not None:

@@ -39,6 +39,7 @@ class AppConfig:
     use_trained: bool = True           # serve <train_dir>/model when it exists and matches
     result_extension: str = ".nii.gz"  # default result file type (a request may override)
     labels: tuple = DEFAULT_LABELS     # (name, value) pairs shown by clients; any non-zero value is segmented
+    model_workers: int = 1             # threads serving infers in arrival order; 0 = in the request's coroutine
 
     @property
     def sd_source(self) -> str | None:
@@ -159,6 +160,8 @@ def parse_conf(conf: dict | None) -> AppConfig:
         out["use_trained"] = _bool("use_trained", conf["use_trained"])
     if conf.get("result_extension"):
         out["result_extension"] = _choice("result_extension", conf["result_extension"], (".nii.gz", ".nii", ".nrrd"))
+    if conf.get("model_workers"):
+        out["model_workers"] = _int("model_workers", conf["model_workers"], low=0)
     if conf.get("labels"):
         out["labels"] = _labels(conf["labels"])
     cfg = AppConfig(**out)

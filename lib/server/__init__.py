@@ -1,0 +1,1 @@
+"""What the app adds to MONAI Label's HTTP server (installed by apps/sdfsmis/main.py, server process only)."""
