@@ -39,6 +39,7 @@ class AppConfig:
     use_trained: bool = True           # serve <train_dir>/model when it exists and matches
     result_extension: str = ".nii.gz"  # default result file type (a request may override)
     labels: tuple = DEFAULT_LABELS     # (name, value) pairs shown by clients; any non-zero value is segmented
+    max_voxels: int = 512 * 512 * 1024  # largest image / label a request may bring (read from the header)
 
     @property
     def sd_source(self) -> str | None:
@@ -161,6 +162,8 @@ def parse_conf(conf: dict | None) -> AppConfig:
         out["result_extension"] = _choice("result_extension", conf["result_extension"], (".nii.gz", ".nii", ".nrrd"))
     if conf.get("labels"):
         out["labels"] = _labels(conf["labels"])
+    if conf.get("max_voxels"):
+        out["max_voxels"] = _int("max_voxels", conf["max_voxels"], 1000)
     cfg = AppConfig(**out)
     if cfg.device == "cuda":
         import torch
