@@ -5,7 +5,8 @@ The lock holds the owner's pid and process start time (so a reused pid is not mi
   a dead one (stale lock) is replaced.
 - `owner(folder)` -> the live owner's pid or None (the guard answers 409 to a second POST /train).
 - `stop_orphan(folder)` (server start-up): a live owner that is not a child of this server was left by a
-  server that died (kill -9); it is asked to stop (STOP file), then terminated, then killed.
+  server that died (kill -9); it is asked to stop (STOP file and SIGTERM: it saves a checkpoint),
+  then killed after `wait_s`.
 """
 from __future__ import annotations
 
@@ -51,6 +52,19 @@ def _process(record: dict | None):
         return None
 
 
+def _ended(proc, timeout: float) -> bool:
+    """Wait until `proc` has ended (a zombie counts as ended: its parent, not us, reaps it)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.1)
+    return False
+
+
 def owner(folder) -> int | None:
     proc = _process(_read(folder))
     return proc.pid if proc is not None else None
@@ -86,7 +100,7 @@ def release(folder) -> None:
         _path(folder).unlink(missing_ok=True)
 
 
-def stop_orphan(folder, stop_file: str = "STOP", wait_s: float = 20.0) -> int | None:
+def stop_orphan(folder, stop_file: str = "STOP", wait_s: float = 30.0) -> int | None:
     """At server start-up: stop a trainer left running by a previous server; -> its pid or None."""
     record = _read(folder)
     proc = _process(record)
@@ -97,16 +111,16 @@ def stop_orphan(folder, stop_file: str = "STOP", wait_s: float = 20.0) -> int | 
     if proc.pid == os.getpid() or proc in psutil.Process().children(recursive=True):
         return None
     logger.warning(f"a trainer (pid {proc.pid}) outlived its server: stopping it")
-    (Path(folder) / stop_file).touch()
+    (Path(folder) / stop_file).touch()     # the loop saves a checkpoint on STOP or SIGTERM, then returns
     try:
-        proc.wait(timeout=wait_s)
-    except psutil.TimeoutExpired:
+        children = proc.children(recursive=True)
         proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except psutil.TimeoutExpired:
+        if not _ended(proc, wait_s):
             proc.kill()
-            proc.wait(timeout=5)
+            _ended(proc, 5.0)
+        for child in children:
+            if child.is_running():
+                child.kill()
     except psutil.Error:
         pass
     _path(folder).unlink(missing_ok=True)

@@ -30,6 +30,9 @@ class ClientError(HTTPException):
 
 
 def _show(value, n: int = 60) -> str:
+    """A client value for a message; paths are not echoed."""
+    if isinstance(value, str) and ("/" in value or "\\" in value):
+        return "(a path)"
     text = repr(value)
     return text if len(text) <= n else text[: n - 3] + "..."
 
@@ -51,7 +54,9 @@ def upload_name(filename, what: str = "file") -> tuple[str, str]:
     if ext is None:
         raise ClientError(f"{what} {_show(name)} is not supported: upload a {' | '.join(UPLOAD_EXTENSIONS)} file "
                           "(detached headers such as .nhdr / .hdr / .mhd and binary labels are refused)", 415)
-    stem = os.path.basename(name.replace("\\", "/"))[: -len(ext)]
+    if "/" in name or "\\" in name or len(name) > 255:
+        raise ClientError(f"{what} name {_show(name)} is not valid: a plain file name without folders")
+    stem = name[: -len(ext)]
     return (plain_name(stem, f"{what} name") if stem else ""), ext
 
 
