@@ -104,7 +104,7 @@ def build_cases(arena: Path, f: dict) -> list[dict]:
                            files={"file": ("x.py", f["text"])}))
         cases.append(_case("path write", "PUT", "/datastore/label", OK4, query={"image": bad, "tag": "final"},
                            files={"label": ("l.nii.gz", f["label"])}))
-        cases.append(_case("path write", "PUT", "/datastore/image", OK4, files={"file": (bad + ".nii.gz", f["image"])}))
+        cases.append(_case("path write", "PUT", "/datastore/image", None, files={"file": (bad + ".nii.gz", f["image"])}))
     for bad in bad_tags:
         cases.append(_case("path write", "PUT", "/datastore/label", OK4, query={"image": "phantom_2", "tag": bad},
                            files={"label": ("l.nii.gz", f["label"])}))

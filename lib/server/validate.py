@@ -54,8 +54,7 @@ def upload_name(filename, what: str = "file") -> tuple[str, str]:
     if ext is None:
         raise ClientError(f"{what} {_show(name)} is not supported: upload a {' | '.join(UPLOAD_EXTENSIONS)} file "
                           "(detached headers such as .nhdr / .hdr / .mhd and binary labels are refused)", 415)
-    if "/" in name or "\\" in name or len(name) > 255:
-        raise ClientError(f"{what} name {_show(name)} is not valid: a plain file name without folders")
+    name = name.replace("\\", "/").rsplit("/", 1)[-1]   # clients may send a full path: its base name counts
     stem = name[: -len(ext)]
     return (plain_name(stem, f"{what} name") if stem else ""), ext
 
