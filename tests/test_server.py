@@ -218,5 +218,6 @@ def test_train_reports_progress_and_infer_reloads_the_checkpoint(case, sdfsmis_s
     _check_result(path, case["ann"], case["z"])
     served = params["model"]
     assert served["kind"] == "trained" and served["trained"] is True
-    assert Path(served["checkpoint"]) == published
+    assert served["checkpoint"] == "<train_dir>/model"     # answers name no server path (lib/server/guard.py)
+    assert not (train_dir / "trainer.lock").exists(), "the trainer lock was left behind"
     assert served["checkpoint_extra"]["iteration"] == 3

@@ -25,6 +25,8 @@ from lib.infers.model_store import ModelStore  # noqa: E402
 from lib.infers.sdfsmis import SDFSMISInfer  # noqa: E402
 from lib.infers.support import REQUEST_KEY, check_image, resolve_support  # noqa: E402
 from lib.server import workers  # noqa: E402
+from lib.server import install as install_guard  # noqa: E402
+from lib.server.datastore import safe_datastore  # noqa: E402
 from lib.trainers import graceful_stop  # noqa: E402
 from lib.trainers.sdfsmis import SDFSMISTrain  # noqa: E402
 
@@ -70,6 +72,9 @@ class SDFSMISApp(MONAILabelApp):
     def init_trainers(self):
         return {"sdfsmis": SDFSMISTrain(self.store, self.cfg, self.app_dir)}
 
+    def init_datastore(self):
+        return safe_datastore(self.studies, self.cfg.max_voxels) or super().init_datastore()
+
     def init_batch_infer(self):
         return SDFSMISBatchInfer()
 
@@ -78,6 +83,7 @@ class SDFSMISApp(MONAILabelApp):
         if self.cfg.model_workers:   # infers and uploads in worker threads: the event loop keeps answering
             workers.install(self.cfg.model_workers)
         self.store.get()   # load now (server only; train / batch subprocesses load on first use)
+        install_guard(self)   # server only: request checks in front of MONAI Label (lib/server)
         trainer = self._trainers.get("sdfsmis")
         if trainer is not None:
             graceful_stop.install(trainer.request_stop)

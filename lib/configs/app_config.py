@@ -40,6 +40,7 @@ class AppConfig:
     result_extension: str = ".nii.gz"  # default result file type (a request may override)
     labels: tuple = DEFAULT_LABELS     # (name, value) pairs shown by clients; any non-zero value is segmented
     model_workers: int = 1             # threads serving infers in arrival order; 0 = in the request's coroutine
+    max_voxels: int = 512 * 512 * 1024  # largest image / label a request may bring (read from the header)
 
     @property
     def sd_source(self) -> str | None:
@@ -164,6 +165,8 @@ def parse_conf(conf: dict | None) -> AppConfig:
         out["model_workers"] = _int("model_workers", conf["model_workers"], low=0)
     if conf.get("labels"):
         out["labels"] = _labels(conf["labels"])
+    if conf.get("max_voxels"):
+        out["max_voxels"] = _int("max_voxels", conf["max_voxels"], 1000)
     cfg = AppConfig(**out)
     if cfg.device == "cuda":
         import torch

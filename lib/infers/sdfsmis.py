@@ -19,6 +19,7 @@ from lib.infers.model_store import ModelStore
 from lib.infers.propagate import MERGE_RULES, AnnotationError, propagate
 from lib.infers.support import REQUEST_KEY, Support
 from lib.infers.volume_io import RESULT_EXTENSIONS, read_image, read_volume, to_array, write_label
+from lib.server.validate import check_infer_request
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +122,7 @@ class SDFSMISInfer(InferTask):
 
     def __call__(self, request) -> tuple[str | None, dict]:
         start = time.perf_counter()
+        check_infer_request(request, self.cfg.max_voxels)   # options, then files from their headers
         support = request.get(REQUEST_KEY)
         support = Support(**support) if isinstance(support, dict) else None
         if support is None:   # called without the app's resolution: only an uploaded label can serve

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 
 from lib.dicom.datastore import saved_label_file
 from lib.infers.errors import bad_request, not_found
+from lib.server.validate import is_upload_path
 
 REQUEST_KEY = "_sdfsmis_support"   # where the resolved support travels inside the infer request
 
@@ -47,7 +48,7 @@ def _saved_label(datastore, image_id: str, tag: str) -> str | None:
 def check_image(request: dict, datastore) -> None:
     """404 for an image id that is neither a file nor in the datastore (before MONAI Label resolves it)."""
     image = request.get("image")
-    if isinstance(image, str) and not os.path.exists(image) and not _known(datastore, image):
+    if isinstance(image, str) and not is_upload_path(image) and not _known(datastore, image):
         raise not_found(f"image {image!r} is not in the datastore; known images: {_some_ids(datastore)}")
 
 
@@ -57,7 +58,7 @@ def resolve_support(request: dict, datastore, default_tag: str = "final") -> Sup
     image_id = request.get("image")
     label = request.get("label")
     if label:
-        if not isinstance(label, str) or not os.path.exists(label):
+        if not isinstance(label, str) or not is_upload_path(label) or not os.path.exists(label):
             raise bad_request(f"the uploaded label {label!r} could not be read")
         return Support("uploaded", label)
     if isinstance(image_id, str) and _known(datastore, image_id):

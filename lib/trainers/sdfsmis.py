@@ -20,6 +20,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 from lib.configs.app_config import AppConfig
 from lib.infers.model_store import PUBLISHED, ModelStore
 from lib.model import is_checkpoint, read_meta
+from lib.server import trainer_lock
 
 logger = logging.getLogger(__name__)
 
@@ -156,6 +157,7 @@ class SDFSMISTrain(TrainTask):
                 pass
         images = self._images(datastore)
         opts, done = self.options(request, images)
+        trainer_lock.acquire(self.out)   # one trainer at a time, across server restarts
         stats = {
             "status": "RUNNING", "pid": os.getpid(), "start_ts": int(start), "epoch": done, "start_epoch": done,
             "total_epochs": opts.iterations, "best_metric": 0.0, "loss": None, "images": len(images),
@@ -186,6 +188,7 @@ class SDFSMISTrain(TrainTask):
             raise
         finally:
             self.stop_path.unlink(missing_ok=True)
+            trainer_lock.release(self.out)
         stats.update(
             status="STOPPED" if result.stopped else "DONE", epoch=int(result.iterations_done),
             total_time=str(datetime.timedelta(seconds=int(time.time() - start))),

@@ -88,9 +88,10 @@ class SliceAligner:
         query = np.asarray(query, dtype=np.float32)
         image = np.asarray(support_image, dtype=np.float32)
         mask = np.asarray(support_mask).astype(bool)
-        if query.shape != image.shape or image.shape != mask.shape:
-            raise ValueError(f"alignment needs one slice grid: query {query.shape}, support {image.shape}, "
-                             f"mask {mask.shape}")
+        if image.shape != mask.shape:
+            raise ValueError(f"alignment needs the support image and mask on one slice grid: {image.shape}, {mask.shape}")
+        if query.shape != image.shape:   # another volume's slice size: onto the query's grid first
+            image, mask = self.to_grid(image, mask, query.shape)
         try:
             tx = self.register(query, image, mask)
         except RuntimeError:
@@ -101,6 +102,20 @@ class SliceAligner:
             self.failures += 1
             return image, mask
         return self._resample(image, query, tx, nearest=False).astype(np.float32), warped
+
+    def to_grid(self, image: np.ndarray, mask: np.ndarray, shape) -> tuple[np.ndarray, np.ndarray]:
+        """A support slice and mask of another size -> resampled to `shape` (H, W) over the same extent
+        (image linear, mask nearest)."""
+        sitk = self.sitk
+        src = sitk.GetImageFromArray(np.ascontiguousarray(image, dtype=np.float32))
+        src.SetSpacing((shape[1] / image.shape[1], shape[0] / image.shape[0]))
+        src.SetOrigin(tuple(0.5 * s - 0.5 for s in src.GetSpacing()))
+        ref = sitk.Image(int(shape[1]), int(shape[0]), sitk.sitkFloat32)
+        out = sitk.Resample(src, ref, sitk.Transform(), sitk.sitkLinear, 0.0)
+        src_mask = sitk.GetImageFromArray(mask.astype(np.uint8))
+        src_mask.CopyInformation(src)
+        out_mask = sitk.Resample(src_mask, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+        return sitk.GetArrayFromImage(out).astype(np.float32), sitk.GetArrayFromImage(out_mask).astype(bool)
 
     def warp_mask(self, query: np.ndarray, support_image: np.ndarray, support_mask: np.ndarray) -> np.ndarray:
         """The support mask registered onto the query: bool (H, W) (the registration baseline)."""

@@ -1,0 +1,203 @@
+"""What a client may send: plain ids and tags, bounded numbers, label lists, train options.
+
+Every check raises `ClientError` (an HTTP 4xx with a message); the guard (lib.server.guard) runs them
+before MONAI Label sees a request, and the infer task runs `check_infer_params` again on its own request.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import tempfile
+
+from fastapi import HTTPException
+
+MAX_ID = 128                                           # longest image id / tag / session id
+ID_RE = re.compile(r"^[^./\\~\x00-\x1f][^/\\\x00-\x1f]*$")   # a plain name: no separators, no leading dot
+UPLOAD_EXTENSIONS = (".nii.gz", ".nii", ".nrrd")       # image and label files the app reads
+RESERVED_PARAMS = {"image", "label", "file", "model", "session", "session_id", "description"}
+NAME_PARAMS = ("support_image", "support_tag", "label_tag", "client_id")
+
+
+class ClientError(HTTPException):
+    """A request refused because of its input: 400 bad, 403 not allowed, 404 unknown, 409 busy, 413 too big."""
+
+    def __init__(self, message: str, status_code: int = 400):
+        super().__init__(status_code=status_code, detail=message)
+
+    def __str__(self) -> str:
+        return f"{self.status_code}: {self.detail}"
+
+
+def _show(value, n: int = 60) -> str:
+    """A client value for a message; paths are not echoed."""
+    if isinstance(value, str) and ("/" in value or "\\" in value):
+        return "(a path)"
+    text = repr(value)
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def plain_name(value, what: str = "id") -> str:
+    """An image id, label tag or session id: 1-128 characters, no '/' '\\' or '..', no leading '.' or '~'."""
+    if not isinstance(value, str) or not value:
+        raise ClientError(f"{what} {_show(value)} is not valid: a non-empty name is needed")
+    if len(value) > MAX_ID or not ID_RE.match(value) or ".." in value:
+        raise ClientError(f"{what} {_show(value)} is not valid: a plain name of at most {MAX_ID} characters "
+                          "(no path separators, no '..', no leading '.' or '~', no control characters)")
+    return value
+
+
+def upload_name(filename, what: str = "file") -> tuple[str, str]:
+    """An uploaded file's name -> (id, extension); only NIfTI / NRRD files with plain names."""
+    name = filename or ""
+    ext = next((e for e in UPLOAD_EXTENSIONS if name.lower().endswith(e)), None)
+    if ext is None:
+        raise ClientError(f"{what} {_show(name)} is not supported: upload a {' | '.join(UPLOAD_EXTENSIONS)} file "
+                          "(detached headers such as .nhdr / .hdr / .mhd and binary labels are refused)", 415)
+    name = name.replace("\\", "/").rsplit("/", 1)[-1]   # clients may send a full path: its base name counts
+    stem = name[: -len(ext)]
+    return (plain_name(stem, f"{what} name") if stem else ""), ext
+
+
+def is_upload_path(path) -> bool:
+    """A file the server received with this request (MONAI Label writes uploads to the temp folder)."""
+    if not isinstance(path, str) or not path:
+        return False
+    tmp = os.path.realpath(tempfile.gettempdir())
+    return os.path.dirname(os.path.realpath(path)) == tmp
+
+
+def _int_like(value, what: str, low: int, high: int) -> int:
+    if isinstance(value, bool):
+        raise ClientError(f"{what} {_show(value)} is not an integer")
+    if isinstance(value, str):
+        value = value.strip()
+    try:
+        x = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ClientError(f"{what} {_show(value)} is not an integer") from None
+    if not math.isfinite(x) or x != int(x):
+        raise ClientError(f"{what} {_show(value)} is not an integer")
+    if not low <= int(x) <= high:
+        raise ClientError(f"{what} {_show(value)} must be between {low} and {high}")
+    return int(x)
+
+
+def _number(value, what: str, low: float, high: float) -> float:
+    try:
+        x = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ClientError(f"{what} {_show(value)} is not a number") from None
+    if isinstance(value, bool) or not math.isfinite(x) or not low <= x <= high:
+        raise ClientError(f"{what} {_show(value)} must be a number between {low} and {high}")
+    return x
+
+
+def label_values(value, what: str = "ignore_labels") -> list[int]:
+    """None | '' | 3 | '1,3' | [1, 3] -> [1, 3] (label values 0-255)."""
+    if value is None or value == "":
+        return []
+    if isinstance(value, str):
+        value = [v for v in value.split(",") if v.strip()]
+    elif not isinstance(value, list):
+        value = [value]
+    return [_int_like(v, f"{what} entry", 0, 255) for v in value]
+
+
+def check_label_info(value) -> None:
+    """Slicer's label_info: a list of {"name": str, "id": label value} objects."""
+    if value is None:
+        return
+    if not isinstance(value, list):
+        raise ClientError(f"label_info {_show(value)} must be a list of {{name, id}} objects")
+    for info in value:
+        if not isinstance(info, dict):
+            raise ClientError(f"label_info entry {_show(info)} must be an object with name and id")
+        if info.get("id") is not None:
+            _int_like(info["id"], "label_info id", 0, 255)
+        if info.get("name") is not None and not isinstance(info["name"], str):
+            raise ClientError(f"label_info name {_show(info['name'])} must be a string")
+
+
+def _path_like(value: str) -> bool:
+    v = value.replace("\\", "/")
+    return v.startswith(("/", "~")) or "../" in v or v.endswith("/..") or v == ".." or "\x00" in v
+
+
+def check_infer_params(params: dict) -> dict:
+    """The infer request's own options, before any file is read (400 on a bad one); returns params."""
+    if not isinstance(params, dict):
+        raise ClientError(f"params {_show(params)} must be a JSON object")
+    for key in NAME_PARAMS:
+        if params.get(key) not in (None, ""):
+            plain_name(params[key], key)
+    label_values(params.get("ignore_labels"))
+    check_label_info(params.get("label_info"))
+    if params.get("batch_size") not in (None, ""):
+        _int_like(params["batch_size"], "batch_size", 1, 4096)
+    if params.get("threshold") not in (None, ""):
+        _number(params["threshold"], "threshold", 1e-6, 1 - 1e-6)
+    if params.get("timeout") not in (None, ""):
+        _number(params["timeout"], "timeout", 1, 3600)
+    for key, value in params.items():
+        if isinstance(value, str) and _path_like(value):
+            raise ClientError(f"{key} {_show(value)} looks like a server path: paths are not accepted")
+    return params
+
+
+def check_client_params(params, reserved=RESERVED_PARAMS) -> dict:
+    """A client's params object (infer, batch infer): no keys the server sets itself, valid options."""
+    if not isinstance(params, dict):
+        raise ClientError(f"params {_show(params)} must be a JSON object")
+    bad = sorted(k for k in params if k in reserved or str(k).startswith("_"))
+    if bad:
+        raise ClientError(f"params may not set {', '.join(bad)}: the server sets these itself")
+    return check_infer_params(params)
+
+
+def check_train_options(options) -> dict:
+    """The sdfsmis train options (docs/app.md), checked before the task is submitted."""
+    from lib.trainers.sdfsmis import INIT_CHOICES, _opt
+
+    if not isinstance(options, dict):
+        raise ClientError(f"train options {_show(options)} must be a JSON object")
+    try:
+        init = options.get("init") or INIT_CHOICES[0]
+        init = (init[0] if init else INIT_CHOICES[0]) if isinstance(init, list) else init
+        if init not in INIT_CHOICES:
+            raise ValueError(f"train option init={init!r} is not valid: choose one of {' | '.join(INIT_CHOICES)}")
+        for key in ("iterations", "batch_size", "checkpoint_every"):
+            value = _opt(options, key, int, 1)
+            if value is not None and value > 10_000_000:
+                raise ValueError(f"train option {key}={value!r} is too large")
+        for key in ("lr_unet", "lr_new"):
+            value = _opt(options, key, float, 0.0)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"train option {key}={value!r} must be a finite number")
+        device = options.get("device") or "auto"
+        if not isinstance(device, str) or (device not in ("auto", "cpu") and not re.match(r"^cuda(:\d+)?$", device)):
+            raise ValueError(f"train option device={device!r} is not valid: choose one of auto | cpu | cuda")
+    except (ValueError, OverflowError) as err:
+        raise ClientError(str(err)) from None
+    return options
+
+
+def check_infer_request(request: dict, max_voxels: int | None = None) -> None:
+    """The infer task's one call: its options (check_infer_params), then its files (lib.server.files):
+    the image, the support annotation and the support image, each checked from its header and data
+    stream before a voxel is read, and the annotation on the grid of the image it belongs to."""
+    from lib.server.files import DEFAULT_MAX_VOXELS, check_file, check_same_grid
+
+    check_infer_params({k: v for k, v in request.items() if k not in RESERVED_PARAMS and not str(k).startswith("_")})
+    limit = int(max_voxels or DEFAULT_MAX_VOXELS)
+    image = check_file(request["image"], limit, "image") if isinstance(request.get("image"), str) else None
+    support = request.get("_sdfsmis_support") or {"label": request.get("label")}
+    if not isinstance(support, dict) or not isinstance(support.get("label"), str):
+        return
+    label = check_file(support["label"], limit, "annotation")
+    if support.get("image"):
+        reference, what = check_file(support["image"], limit, "support image"), "support annotation"
+    else:
+        reference, what = image, "annotation"
+    if reference is not None and len(reference.size) == 3 or (reference is not None and reference.size[3:] == (1,)):
+        check_same_grid(label, reference, what)
