@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT))
 
 from lib.configs.app_config import parse_conf  # noqa: E402
 from lib.evaluation.report import write_overlays  # noqa: E402
-from lib.infers.model_store import ModelStore  # noqa: E402
+from lib.configs.model_store import ModelStore  # noqa: E402
 from lib.infers.propagate import propagate  # noqa: E402
 from lib.sample import one_slice, phantom  # noqa: E402
 

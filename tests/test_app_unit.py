@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lib.configs.app_config import ConfError, parse_conf
-from lib.infers.model_store import ModelStore, choose_source
+from lib.configs.model_store import ModelStore, choose_source
 from lib.infers.propagate import (
     AnnotationError, annotated_slices, check_annotation, check_volume, nearest_slices, propagate,
 )
@@ -163,7 +163,7 @@ def test_scribbles_background_is_not_an_organ():
     ({"device": "tpu"}, "auto | cpu | cuda"),
     ({"threshold": "1.5"}, "between 0 and 1"),
     ({"threshold": "abc"}, "between 0 and 1"),
-    ({"batch_size": "0"}, "integer >= 1"),
+    ({"batch_size": "0"}, "integer between 1 and 4096"),
     ({"merge": "max"}, "probability | order"),
     ({"use_trained": "maybe"}, "true | false"),
     ({"label_tag": ""}, "label_tag"),

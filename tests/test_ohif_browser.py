@@ -378,8 +378,23 @@ def run_workflow(d, stack):
         return select.first_selected_option.get_attribute("value") == "sdfsmis_seg"
 
     retry(choose_model, 30, "sdfsmis_seg in the model selector")
-    retry(lambda: d.find_element(By.CSS_SELECTOR, ".monaiLabelPanel button[title='Run Segmentation']").click() or True,
-          30, "the Run Segmentation button")
+
+    def infer_requests() -> int:
+        return stack["log"].read_text().count("Infer Request")
+
+    def run_clicked():
+        """Press Run; True once the server got the request (a click lost while OHIF is still loading
+        the volume is pressed again)."""
+        sent = infer_requests()
+        d.find_element(By.CSS_SELECTOR, ".monaiLabelPanel button[title='Run Segmentation']").click()
+        end = time.time() + 20
+        while time.time() < end:
+            if infer_requests() > sent:
+                return True
+            time.sleep(0.5)
+        return False
+
+    retry(run_clicked, 120, "the infer request sent by OHIF's Run Segmentation button")
 
     def outcome():
         if "Failed to Run Segmentation" in d.find_element(By.TAG_NAME, "body").text:

@@ -21,7 +21,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferType  # noqa: E402
 
 from lib.configs.app_config import ConfError, parse_conf  # noqa: E402
 from lib.infers.batch import SDFSMISBatchInfer  # noqa: E402
-from lib.infers.model_store import ModelStore  # noqa: E402
+from lib.configs.model_store import ModelStore  # noqa: E402
 from lib.infers.sdfsmis import SDFSMISInfer  # noqa: E402
 from lib.infers.support import REQUEST_KEY, check_image, resolve_support  # noqa: E402
 from lib.server import workers  # noqa: E402

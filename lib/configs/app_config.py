@@ -1,6 +1,7 @@
 """The app's settings, parsed once from MONAI Label's `--conf key value` pairs (strings).
 
-This module is the only reader of `conf`; everything else gets an `AppConfig`.
+This module is the only reader of `conf` and of the app's environment variables; everything else
+gets an `AppConfig`. Values are parsed by lib.configs.fields, as request options are.
 """
 from __future__ import annotations
 
@@ -8,15 +9,18 @@ import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from lib.configs.fields import OptionError, as_bool, as_choice, as_fraction, as_int, as_name
+
 PRESETS = ("mini", "sd15", "tiny")
 DEVICES = ("auto", "cpu", "cuda")
-MERGE_RULES = ("probability", "order")
+MERGE_RULES = ("probability", "order")              # how overlapping organs are resolved (lib.pipeline)
+RESULT_EXTENSIONS = (".nii.gz", ".nii", ".nrrd")    # result file types the infer task writes
 # the Abd-MRI (CHAOS) ids; only names for viewers: every non-zero annotation value is segmented
 DEFAULT_LABELS = (("liver", 1), ("right_kidney", 2), ("left_kidney", 3), ("spleen", 4))
-TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+SD_ENV, DINO_ENV = "SDFSMIS_SD_PATH", "SDFSMIS_DINO_PATH"   # the only environment variables the app reads
 
 
-class ConfError(ValueError):
+class ConfError(OptionError):
     """A `--conf` value that is not allowed; the message names the key and the valid choices."""
 
 
@@ -35,6 +39,7 @@ class AppConfig:
     merge: str = "probability"         # how overlapping organs are resolved
     chain: bool = True                 # walk slice by slice from the annotation (across volumes: from a seed slice)
     gate: bool = True                  # keep predicted pixels in the organ's intensity range (never vs another volume)
+    largest: bool = False              # keep each organ's largest connected component (3D)
     train_dir: str | None = None       # trainer output; None = <app>/model/trained
     use_trained: bool = True           # serve <train_dir>/model when it exists and matches
     result_extension: str = ".nii.gz"  # default result file type (a request may override)
@@ -44,11 +49,11 @@ class AppConfig:
 
     @property
     def sd_source(self) -> str | None:
-        return self.sd_path or os.environ.get("SDFSMIS_SD_PATH") or None
+        return self.sd_path or os.environ.get(SD_ENV) or None
 
     @property
     def dino_source(self) -> str | None:
-        return self.dino_path or os.environ.get("SDFSMIS_DINO_PATH") or None
+        return self.dino_path or os.environ.get(DINO_ENV) or None
 
     def train_folder(self, app_dir) -> Path:
         return Path(self.train_dir) if self.train_dir else Path(app_dir) / "model" / "trained"
@@ -59,56 +64,14 @@ KNOWN = {f.name for f in fields(AppConfig)}
 PASSTHROUGH = {"server_mode", "models", "skip_trainers", "skip_strategies", "skip_scoring", "use_pretrained_model"}
 
 
-def _choice(key: str, value: str, choices) -> str:
-    v = value.strip().lower()
-    if v not in choices:
-        raise ConfError(f"--conf {key} {value!r} is not valid: choose one of {' | '.join(choices)}")
-    return v
-
-
-def parse_bool(value) -> bool | None:
-    """true/false, 1/0, yes/no, on/off (any case) or a bool -> bool; anything else -> None."""
-    if isinstance(value, bool):
-        return value
-    v = str(value).strip().lower()
-    return True if v in TRUE else False if v in FALSE else None
-
-
-def _bool(key: str, value: str) -> bool:
-    parsed = parse_bool(value)
-    if parsed is None:
-        raise ConfError(f"--conf {key} {value!r} is not valid: choose one of true | false")
-    return parsed
-
-
-def _int(key: str, value: str, low: int = 1) -> int:
-    try:
-        n = int(value)
-    except (TypeError, ValueError):
-        raise ConfError(f"--conf {key} {value!r} is not valid: expected an integer >= {low}") from None
-    if n < low:
-        raise ConfError(f"--conf {key} {value!r} is not valid: expected an integer >= {low}")
-    return n
-
-
-def _fraction(key: str, value: str) -> float:
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        raise ConfError(f"--conf {key} {value!r} is not valid: expected a number between 0 and 1") from None
-    if not 0.0 < x < 1.0:
-        raise ConfError(f"--conf {key} {value!r} is not valid: expected a number between 0 and 1 (exclusive)")
-    return x
-
-
 def _folder(key: str, value: str) -> str:
     p = Path(value).expanduser()
     if not p.is_dir():
-        raise ConfError(f"--conf {key} {value!r}: folder not found")
+        raise OptionError(f"{key} {value!r}: folder not found")
     return str(p.resolve())
 
 
-def _labels(value: str) -> tuple:
+def _labels(key: str, value: str) -> tuple:
     """'liver=1,spleen=4' -> (("liver", 1), ("spleen", 4))."""
     pairs = []
     for item in value.split(","):
@@ -118,10 +81,25 @@ def _labels(value: str) -> tuple:
         except ValueError:
             v = -1
         if not name.strip() or not 1 <= v <= 255:
-            raise ConfError(f"--conf labels {value!r} is not valid: expected name=value pairs (value 1-255) "
-                            "separated by commas, e.g. liver=1,spleen=4")
+            raise OptionError(f"{key} {value!r} is not valid: expected name=value pairs (value 1-255) "
+                              "separated by commas, e.g. liver=1,spleen=4")
         pairs.append((name.strip(), v))
     return tuple(pairs)
+
+
+def _text(key: str, value: str) -> str:
+    return value
+
+
+# --conf key -> (parser, extra arguments): the one table of what each setting accepts
+CONF_FIELDS = {
+    "preset": (as_choice, PRESETS), "sd_path": (_text,), "dino_path": (_text,), "checkpoint": (_folder,),
+    "device": (as_choice, DEVICES), "threshold": (as_fraction,), "batch_size": (as_int, 1, 4096),
+    "label_tag": (as_name,), "merge": (as_choice, MERGE_RULES), "chain": (as_bool,), "gate": (as_bool,),
+    "largest": (as_bool,), "train_dir": (lambda k, v: str(Path(v).expanduser().resolve()),),
+    "use_trained": (as_bool,), "result_extension": (as_choice, RESULT_EXTENSIONS), "labels": (_labels,),
+    "model_workers": (as_int, 0, 64), "max_voxels": (as_int, 1000, None),
+}
 
 
 def parse_conf(conf: dict | None) -> AppConfig:
@@ -131,42 +109,14 @@ def parse_conf(conf: dict | None) -> AppConfig:
     if unknown:
         raise ConfError(f"unknown --conf key(s) {', '.join(sorted(unknown))}: valid keys are {', '.join(sorted(KNOWN))}")
     out: dict = {}
-    if conf.get("preset"):
-        out["preset"] = _choice("preset", conf["preset"], PRESETS)
-    for key in ("sd_path", "dino_path"):
-        if conf.get(key):
-            out[key] = conf[key]
-    if conf.get("checkpoint"):
-        out["checkpoint"] = _folder("checkpoint", conf["checkpoint"])
-    if conf.get("device"):
-        out["device"] = _choice("device", conf["device"], DEVICES)
-    if conf.get("threshold"):
-        out["threshold"] = _fraction("threshold", conf["threshold"])
-    if conf.get("batch_size"):
-        out["batch_size"] = _int("batch_size", conf["batch_size"])
-    if "label_tag" in conf:
-        tag = conf["label_tag"].strip()
-        if not tag or any(c in tag for c in "/\\"):
-            raise ConfError(f"--conf label_tag {conf['label_tag']!r} is not valid: a non-empty name without slashes")
-        out["label_tag"] = tag
-    if conf.get("merge"):
-        out["merge"] = _choice("merge", conf["merge"], MERGE_RULES)
-    if conf.get("chain"):
-        out["chain"] = _bool("chain", conf["chain"])
-    if conf.get("gate"):
-        out["gate"] = _bool("gate", conf["gate"])
-    if conf.get("train_dir"):
-        out["train_dir"] = str(Path(conf["train_dir"]).expanduser().resolve())
-    if conf.get("use_trained"):
-        out["use_trained"] = _bool("use_trained", conf["use_trained"])
-    if conf.get("result_extension"):
-        out["result_extension"] = _choice("result_extension", conf["result_extension"], (".nii.gz", ".nii", ".nrrd"))
-    if conf.get("model_workers"):
-        out["model_workers"] = _int("model_workers", conf["model_workers"], low=0)
-    if conf.get("labels"):
-        out["labels"] = _labels(conf["labels"])
-    if conf.get("max_voxels"):
-        out["max_voxels"] = _int("max_voxels", conf["max_voxels"], 1000)
+    for key, (parse, *args) in CONF_FIELDS.items():
+        value = conf.get(key, "").strip() if key != "label_tag" else conf.get(key)
+        if value is None or (value == "" and key != "label_tag"):
+            continue
+        try:
+            out[key] = parse(key, value, *args)
+        except OptionError as err:
+            raise ConfError(f"--conf {err}") from None
     cfg = AppConfig(**out)
     if cfg.device == "cuda":
         import torch

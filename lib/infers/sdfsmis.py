@@ -15,7 +15,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from lib.configs.app_config import AppConfig, parse_bool
 from lib.infers.errors import bad_request
-from lib.infers.model_store import ModelStore
+from lib.configs.model_store import ModelStore
 from lib.infers.propagate import MERGE_RULES, AnnotationError, propagate
 from lib.infers.support import REQUEST_KEY, Support
 from lib.infers.volume_io import RESULT_EXTENSIONS, read_image, read_volume, to_array, write_label

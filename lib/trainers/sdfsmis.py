@@ -18,7 +18,7 @@ from pathlib import Path
 from monailabel.interfaces.tasks.train import TrainTask
 
 from lib.configs.app_config import AppConfig
-from lib.infers.model_store import PUBLISHED, ModelStore
+from lib.configs.model_store import PUBLISHED, ModelStore
 from lib.model import is_checkpoint, read_meta
 from lib.server import trainer_lock
 
