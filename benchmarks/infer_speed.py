@@ -2,9 +2,9 @@
 
     python -m benchmarks.infer_speed --preset mini tiny sd15 --reference ../shared/reference --device cpu
 
-naive: the reference implementations' loop, model.predict_uncached per slice (support branch
+naive: the reference implementations' loop, model.forward per slice (support branch
        recomputed for every slice, batch 1, fp32).
-fast:  the project's path, model.segment (support encoded once, query slices batched,
+fast:  the project's path, lib.pipeline.step.Step.shared (support encoded once, query slices batched,
        inference mode; on CUDA optionally fp16/bf16 autocast and torch.compile, lib.model.fast).
 Prints one table row per path, the fast/naive ratio, the masks' Dice, and a JSON line per preset.
 """
@@ -24,20 +24,25 @@ DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def naive_segment(model, query, s_img, s_mask) -> torch.Tensor:
-    """Per-slice loop as in the reference code: query (N, S, S) -> probabilities (N, S, S)."""
-    from lib.model.sdfsmis import resize_slices
+    """Per-slice loop as in the reference code: `model(...)` per query slice, the support branch
+    recomputed every time: query (N, S, S) -> probabilities (N, S, S)."""
+    from lib.pipeline.step import resize_slices
 
     size = model.config.image_size
     q = torch.as_tensor(query)[:, None]
-    si = resize_slices(torch.as_tensor(s_img)[:, None], size)
-    sm = (resize_slices(torch.as_tensor(s_mask)[:, None], size) > 0.5).float()
-    out = [resize_slices(model.predict_uncached(resize_slices(q[i:i + 1], size), si, sm).cpu(), q.shape[-2:])[:, 0]
-           for i in range(q.shape[0])]
+    si = resize_slices(torch.as_tensor(s_img)[:, None], size).to(model.device)
+    sm = (resize_slices(torch.as_tensor(s_mask)[:, None], size) > 0.5).float().to(model.device)
+    out = []
+    with torch.inference_mode():
+        for i in range(q.shape[0]):
+            z = model(resize_slices(q[i:i + 1], size).to(model.device), si[None, :, 0], sm[None, :, 0])
+            out.append(resize_slices(model.decode(z).float().cpu(), q.shape[-2:])[:, 0])
     return torch.cat(out)
 
 
 def run_preset(args, preset: str, device: torch.device) -> dict:
     from lib.model.fast import enable_fast
+    from lib.pipeline.step import Step
 
     torch.manual_seed(0)
     model = build(preset, args.reference, args.checkpoint).to(device).eval()
@@ -56,7 +61,8 @@ def run_preset(args, preset: str, device: torch.device) -> dict:
         p_naive = naive_segment(model, query, s_img, s_mask)
 
     enable_fast(model, dtype=DTYPES[args.dtype], compile=args.compile, channels_last=args.channels_last)
-    fast = lambda q: model.segment(q, s_img, s_mask, batch_size=args.batch_size, return_probs=True)  # noqa: E731
+    step = Step(model, model.config.threshold, batch_size=args.batch_size)
+    fast = lambda q: torch.from_numpy(step.shared(q, s_img[0], s_mask[0]))  # noqa: E731
     for _ in range(args.warmup):
         fast(query[: min(n, args.batch_size)])
     with PeakMemory(device) as mem_fast, Timer(device) as t_fast:

@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--organs", help="e.g. 'liver=1,spleen=4' or 'liver,spleen' (default: liver, spleen, LK, RK)")
     p.add_argument("--method", choices=METHODS, default="sdfsmis")
     p.add_argument("--chain", action="store_true",
-                   help="segment slice by slice outward, each result the next support (lib.model.chain) or moving "
+                   help="segment slice by slice outward, each result the next support (lib.pipeline.walk) or moving "
                         "mask: propagation mode from the annotated slice; protocol mode (sdfsmis) from each chunk's "
                         "middle slice, segmented from the support")
     p.add_argument("--all-components", action="store_true",
@@ -100,8 +100,11 @@ def _method_factory(args, dataset_name: str):
     from lib.model import build_model, load_checkpoint, read_meta
 
     def method_of(model, info):
-        return SDFSMISMethod(model, args.batch_size, info, chain=args.chain, largest=not args.all_components,
-                             gate=args.gate, threads=args.threads)
+        from lib.pipeline import PropagateOptions
+
+        options = PropagateOptions.for_model(model, batch_size=args.batch_size, chain=args.chain, gate=args.gate,
+                                             largest=not args.all_components)
+        return SDFSMISMethod(model, options, info)
 
     if args.preset:
         model = build_model(args.preset).to(args.device).eval()

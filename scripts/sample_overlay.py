@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 from lib.configs.app_config import parse_conf  # noqa: E402
 from lib.evaluation.report import write_overlays  # noqa: E402
 from lib.configs.model_store import ModelStore  # noqa: E402
-from lib.infers.propagate import propagate  # noqa: E402
+from lib.pipeline import PropagateOptions, propagate  # noqa: E402
 from lib.sample import one_slice, phantom  # noqa: E402
 
 ORGANS = {1: "liver", 2: "right kidney", 3: "left kidney", 4: "spleen"}
@@ -43,7 +43,8 @@ def main(argv=None) -> int:
     support = one_slice(truth)
     z0 = int(np.flatnonzero(support.any(axis=(0, 1)))[0])
     gate, chain = cfg.gate and not args.no_gate, cfg.chain and not args.no_chain
-    result = propagate(model, image, support, chain=chain, gate=gate).label
+    options = PropagateOptions.for_model(model, cfg.threshold, chain=chain, gate=gate, largest=cfg.largest)
+    result = propagate(model, image, support, options).label
     scored = [z for z in range(truth.shape[-1]) if z != z0]
     print(f"model: {store.source.describe()}; chain {chain}; gate {gate}; annotated slice {z0}; "
           f"{result.shape[-1]} slices")

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 from lib.evaluation.dataset import EvalDataset  # noqa: E402
 from lib.evaluation.protocol import DATASETS, DEFAULT_ORGANS, detect_dataset  # noqa: E402
 from lib.model import load_checkpoint  # noqa: E402
-from lib.model.sdfsmis import resize_mask, resize_slices  # noqa: E402
+from lib.pipeline.step import Step, resize_mask, resize_slices  # noqa: E402
 from lib.transforms.align import SliceAligner  # noqa: E402
 
 
@@ -51,6 +51,7 @@ def main(argv=None) -> int:
     model = load_checkpoint(args.checkpoint, device="cpu").eval()
     size = model.config.image_size
     aligner = SliceAligner(threads=args.threads)
+    step = Step(model, model.config.threshold)     # unaligned: the supports are given as they should be seen
     scores: dict[str, list[float]] = {k: [] for k in ("copy", "registration", "network_aligned", "network_unaligned",
                                                       "ceiling_resize", "ceiling_vae")}
     for v in range(0, len(data), args.volume_step):
@@ -66,9 +67,10 @@ def main(argv=None) -> int:
                 with torch.inference_mode():
                     small = resize_mask(truth[None].astype(np.float32), size).float()
                     vae = model.decode(model.encode(small)) > 0.5
-                    scores["network_aligned"].append(dice(model.segment(query[None], a_img[None], a_mask[None])[0], truth))
-                    scores["network_unaligned"].append(dice(model.segment(query[None], s_img[None], support[None])[0],
-                                                            truth))
+                    aligned = step.shared(query[None], a_img, a_mask)[0] > step.threshold
+                    unaligned = step.shared(query[None], s_img, support)[0] > step.threshold
+                    scores["network_aligned"].append(dice(aligned, truth))
+                    scores["network_unaligned"].append(dice(unaligned, truth))
                 scores["copy"].append(dice(support, truth))
                 scores["registration"].append(dice(a_mask, truth))
                 scores["ceiling_resize"].append(dice(resize_slices(small, truth.shape)[0, 0].numpy() > 0.5, truth))

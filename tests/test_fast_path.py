@@ -1,5 +1,5 @@
-"""The fast inference path (model.segment: support cache, batched queries, lib.model.fast options)
-gives the same masks as the naive per-slice loop (model.predict_uncached), tiny preset, CPU."""
+"""The fast inference path (lib.pipeline.step.Step: support cache, batched queries, lib.model.fast
+options) gives the same masks as the naive per-slice loop (model.forward per slice), tiny preset, CPU."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,6 +8,7 @@ import torch
 
 from lib.model import build_model
 from lib.model.fast import enable_fast
+from lib.pipeline.step import Step
 
 
 def _volume(n: int, size: int, seed: int = 0):
@@ -24,7 +25,13 @@ def _volume(n: int, size: int, seed: int = 0):
 
 def _naive(model, query, s_img, s_mask) -> torch.Tensor:
     q, si, sm = (torch.from_numpy(a)[:, None] for a in (query, s_img, s_mask))
-    return torch.cat([model.predict_uncached(q[i:i + 1], si, sm)[:, 0] for i in range(q.shape[0])])
+    with torch.inference_mode():
+        return torch.cat([model.decode(model(q[i:i + 1], si[None, :, 0], sm[None, :, 0]))[:, 0]
+                          for i in range(q.shape[0])])
+
+
+def _fast(model, query, s_img, s_mask, batch_size: int = 8) -> torch.Tensor:
+    return torch.from_numpy(Step(model, model.config.threshold, batch_size=batch_size).shared(query, s_img[0], s_mask[0]))
 
 
 @pytest.fixture()
@@ -43,7 +50,7 @@ def test_fast_path_equals_naive_loop(model, channels_last):
     query, s_img, s_mask = images[1:], images[:1], masks[:1]
     naive = _naive(model, query, s_img, s_mask)
     enable_fast(model, channels_last=channels_last)
-    fast = model.segment(query, s_img, s_mask, batch_size=2, return_probs=True)   # batches of 2 + 1 slices
+    fast = _fast(model, query, s_img, s_mask, batch_size=2)   # batches of 2 + 1 slices
     assert fast.shape == naive.shape == (3, s, s)
     torch.testing.assert_close(fast, naive, rtol=0, atol=5e-4)   # channels-last reorders float sums
     # a threshold that splits the random-weight output into two real classes makes the mask check bite
@@ -51,15 +58,14 @@ def test_fast_path_equals_naive_loop(model, channels_last):
     assert 0 < (naive > thr).float().mean() < 1
     margin = (naive - thr).abs() > 5e-4                      # pixels not within float noise of the threshold
     assert torch.equal((fast > thr)[margin], (naive > thr)[margin])
-    assert torch.equal(model.segment(query, s_img, s_mask, batch_size=2), fast > model.config.threshold)
 
 
 def test_fast_path_detects_a_different_support(model):
     """The comparison can fail: another support slice changes the probabilities."""
     s = model.config.image_size
     images, masks = _volume(4, s)
-    a = model.segment(images[1:], images[:1], masks[:1], return_probs=True)
-    b = model.segment(images[1:], images[3:], masks[3:], return_probs=True)
+    a = _fast(model, images[1:], images[:1], masks[:1])
+    b = _fast(model, images[1:], images[3:], masks[3:])
     assert (a - b).abs().max() > 1e-4
 
 

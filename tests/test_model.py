@@ -103,7 +103,8 @@ def test_support_cache_equals_recompute(model):
     img, mask = _episode(4, s, seed=3)
     cache = model.encode_support(img[:1], mask[:1])
     cached = model.predict(img, cache)
-    recomputed = model.predict_uncached(img, img[:1], mask[:1])
+    with torch.inference_mode():                           # forward: the support branch per query
+        recomputed = model.decode(model(img, img[:1].expand(4, -1, -1, -1), mask[:1].expand(4, -1, -1, -1)))
     torch.testing.assert_close(cached, recomputed, rtol=1e-4, atol=1e-5)
     # and a different support gives a different answer (the cache is really used)
     other = model.encode_support(img[1:2], 1 - mask[:1])
@@ -168,63 +169,63 @@ def test_vtct_pooling_uses_only_masked_patches(model):
     assert not torch.allclose(vtct.pool(changed, mask, groups=1), proto)
 
 
-def test_segment_any_size_numpy(model):
+def test_step_any_size_numpy(model):
+    from lib.pipeline.step import Step
+
     rng = np.random.default_rng(0)
     q = rng.random((5, 40, 50)).astype(np.float32)
-    s_img = rng.random((1, 40, 50)).astype(np.float32)
-    s_mask = np.zeros((1, 40, 50), np.uint8)
-    s_mask[0, 10:30, 10:30] = 1
-    out = model.segment(q, s_img, s_mask, batch_size=2)
-    assert out.shape == (5, 40, 50) and out.dtype == torch.bool
-    probs = model.segment(q, s_img, s_mask, batch_size=5, return_probs=True)
-    assert torch.equal(out, probs > model.config.threshold)
+    s_img = rng.random((40, 50)).astype(np.float32)
+    s_mask = np.zeros((40, 50), bool)
+    s_mask[10:30, 10:30] = True
+    thr = model.config.threshold
+    out = Step(model, thr, batch_size=2).shared(q, s_img, s_mask)
+    assert out.shape == (5, 40, 50) and out.dtype == np.float32
+    np.testing.assert_allclose(Step(model, thr, batch_size=5).shared(q, s_img, s_mask), out, rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="empty"):
-        model.segment(q, s_img, np.zeros_like(s_mask))
+        Step(model, thr).shared(q, s_img, np.zeros_like(s_mask))
 
 
-def test_segment_with_align_runs_every_query_with_its_own_support(model):
+def test_step_with_align_runs_every_query_with_its_own_support(model):
     """align: each query gets the support the callable returns for it; the identity alignment gives
-    the shared-support result, and per-query supports match `segment_pairs` exactly."""
+    the shared-support result, and per-query supports match `pairs` exactly."""
+    from lib.pipeline.step import Step
+
     rng = np.random.default_rng(1)
     q = rng.random((3, 40, 50)).astype(np.float32)
-    s_img = rng.random((1, 40, 50)).astype(np.float32)
-    s_mask = np.zeros((1, 40, 50), bool)
-    s_mask[0, 10:30, 12:32] = True
+    s_img = rng.random((40, 50)).astype(np.float32)
+    s_mask = np.zeros((40, 50), bool)
+    s_mask[10:30, 12:32] = True
     calls = []
 
     def identity(query, image, mask):
         calls.append((query.shape, image.shape, mask.dtype))
         return image, mask
 
-    shared = model.segment(q, s_img, s_mask, return_probs=True)
-    aligned = model.segment(q, s_img, s_mask, batch_size=2, return_probs=True, align=identity)
+    thr = model.config.threshold
+    shared = Step(model, thr).shared(q, s_img, s_mask)
+    aligned = Step(model, thr, identity, batch_size=2).shared(q, s_img, s_mask)
     assert calls == [((40, 50), (40, 50), np.dtype(bool))] * 3
-    torch.testing.assert_close(aligned, shared, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(aligned, shared, rtol=0, atol=1e-5)
 
-    shifted = [np.roll(s_mask[0], 3 * i, axis=1) for i in range(3)]
+    shifted = [np.roll(s_mask, 3 * i, axis=1) for i in range(3)]
     moved = iter(shifted)
-    out = model.segment(q, s_img, s_mask, return_probs=True, align=lambda qq, im, m: (im, next(moved)))
-    pairs = model.segment_pairs(q, np.repeat(s_img, 3, axis=0), np.stack(shifted), batch_size=3, return_probs=True)
-    torch.testing.assert_close(out, pairs, rtol=0, atol=1e-5)
-    assert not torch.allclose(out[0], out[2])                 # the supports differ, so do the results
-    with pytest.raises(ValueError, match="1-shot"):
-        model.segment(q, np.repeat(s_img, 2, axis=0), np.repeat(s_mask, 2, axis=0), align=identity)
-    with pytest.raises(ValueError, match="one support per query"):
-        model.segment_pairs(q, s_img, s_mask)
+    out = Step(model, thr, lambda qq, im, m: (im, next(moved))).shared(q, s_img, s_mask)
+    pairs, kept = Step(model, thr, batch_size=3).pairs(q, np.repeat(s_img[None], 3, 0), np.stack(shifted))
+    np.testing.assert_allclose(out, pairs, rtol=0, atol=1e-5)
+    assert kept.all() and not np.allclose(out[0], out[2])     # the supports differ, so do the results
     with pytest.raises(ValueError, match="support mask is empty"):
-        model.segment_pairs(q[:1], s_img, np.zeros_like(s_mask))
+        Step(model, thr).pairs(q[:1], s_img[None], np.zeros_like(s_mask)[None])
 
 
 def test_edit_prior_keeps_the_full_resolution_support_where_the_network_changes_nothing():
     """edit_prior: where the prediction and the decoded support-mask latent agree, the result is the
     support mask itself at full resolution; where they differ, the network's probability."""
-    from lib.model.sdfsmis import apply_prior_edits, resize_slices
+    from lib.pipeline.step import Step, apply_prior_edits, resize_mask, resize_slices
 
-    p = torch.tensor([[0.9, 0.2, 0.7, 0.1]])
-    p0 = torch.tensor([[0.8, 0.3, 0.2, 0.6]])
-    prior = torch.tensor([[True, True, False, False]])
-    assert apply_prior_edits(p, p0, prior, 0.5).tolist() == [[1.0, 1.0, pytest.approx(0.7), pytest.approx(0.1)]]
-    assert np.allclose(apply_prior_edits(p.numpy(), p0.numpy(), prior.numpy(), 0.5), [[1, 1, 0.7, 0.1]])
+    p = np.array([[0.9, 0.2, 0.7, 0.1]])
+    p0 = np.array([[0.8, 0.3, 0.2, 0.6]])
+    prior = np.array([[True, True, False, False]])
+    assert np.allclose(apply_prior_edits(p, p0, prior, 0.5), [[1, 1, 0.7, 0.1]])
 
     torch.manual_seed(3)
     m = build_model("tiny").eval()
@@ -232,21 +233,21 @@ def test_edit_prior_keeps_the_full_resolution_support_where_the_network_changes_
         m.unet.conv_out.weight.normal_(0, 0.05)
     rng = np.random.default_rng(2)
     q = rng.random((2, 48, 48)).astype(np.float32)
-    s_img = rng.random((1, 48, 48)).astype(np.float32)
-    s_mask = np.zeros((1, 48, 48), bool)
-    s_mask[0, 10:31, 12:35] = True
-    plain = m.segment(q, s_img, s_mask, return_probs=True)
+    s_img = rng.random((48, 48)).astype(np.float32)
+    s_mask = np.zeros((48, 48), bool)
+    s_mask[10:31, 12:35] = True
+    plain = Step(m, 0.5).shared(q, s_img, s_mask)
     size = m.config.image_size
-    cache = m.encode_support(resize_slices(s_img, size), (resize_slices(s_mask.astype(np.float32), size) > 0.5).float())
-    p0 = resize_slices(m.decode_prior(cache), (48, 48))[:, 0]
+    cache = m.encode_support(resize_slices(s_img[None], size), resize_mask(s_mask[None].astype(np.float32), size).float())
+    p0 = resize_slices(m.decode_prior(cache), (48, 48))[:, 0].numpy()
     m.config.edit_prior = True
-    edited = m.segment(q, s_img, s_mask, return_probs=True)
+    edited = Step(m, 0.5).shared(q, s_img, s_mask)
     same = (plain > 0.5) == (p0 > 0.5)
-    assert 0 < int(same.sum()) < same.numel()
-    assert torch.equal(edited[same], torch.as_tensor(s_mask).expand_as(edited)[same].float())
-    assert torch.equal(edited[~same], plain[~same])
-    pairs = m.segment_pairs(q, np.repeat(s_img, 2, axis=0), np.repeat(s_mask, 2, axis=0), return_probs=True)
-    torch.testing.assert_close(pairs, edited, rtol=0, atol=1e-5)
+    assert 0 < int(same.sum()) < same.size
+    assert np.array_equal(edited[same], np.broadcast_to(s_mask, edited.shape)[same].astype(np.float32))
+    assert np.array_equal(edited[~same], plain[~same])
+    pairs, _ = Step(m, 0.5).pairs(q, np.repeat(s_img[None], 2, 0), np.repeat(s_mask[None], 2, 0))
+    np.testing.assert_allclose(pairs, edited, rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="edit_prior needs prior_residual"):
         build_model("tiny", edit_prior=True, prior_residual=False)
     with pytest.raises(ValueError, match="none | registration"):
@@ -254,7 +255,7 @@ def test_edit_prior_keeps_the_full_resolution_support_where_the_network_changes_
 
 
 def test_resize_mask_keeps_a_tiny_organ_per_slice():
-    from lib.model.sdfsmis import resize_mask
+    from lib.pipeline.step import resize_mask
 
     masks = np.zeros((2, 64, 64), np.float32)
     masks[0, 10:40, 10:40] = 1            # large: > 0.5 after the shrink
@@ -394,7 +395,7 @@ def test_the_model_package_imports_no_monai():
     import subprocess
     import sys
 
-    code = ("import sys; import lib.model, lib.model.chain, lib.model.fast; "
+    code = ("import sys; import lib.model, lib.model.fast; "
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('monai', 'monailabel', 'SimpleITK'));"
             "print(bad); sys.exit(1 if bad else 0)")
     run = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],

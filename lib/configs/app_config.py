@@ -10,10 +10,10 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from lib.configs.fields import OptionError, as_bool, as_choice, as_fraction, as_int, as_name
+from lib.pipeline.options import MERGE_RULES
 
 PRESETS = ("mini", "sd15", "tiny")
 DEVICES = ("auto", "cpu", "cuda")
-MERGE_RULES = ("probability", "order")              # how overlapping organs are resolved (lib.pipeline)
 RESULT_EXTENSIONS = (".nii.gz", ".nii", ".nrrd")    # result file types the infer task writes
 # the Abd-MRI (CHAOS) ids; only names for viewers: every non-zero annotation value is segmented
 DEFAULT_LABELS = (("liver", 1), ("right_kidney", 2), ("left_kidney", 3), ("spleen", 4))
@@ -39,7 +39,7 @@ class AppConfig:
     merge: str = "probability"         # how overlapping organs are resolved
     chain: bool = True                 # walk slice by slice from the annotation (across volumes: from a seed slice)
     gate: bool = True                  # keep predicted pixels in the organ's intensity range (never vs another volume)
-    largest: bool = False              # keep each organ's largest connected component (3D)
+    largest: bool = True               # keep each organ's largest connected component (3D), as evaluated
     train_dir: str | None = None       # trainer output; None = <app>/model/trained
     use_trained: bool = True           # serve <train_dir>/model when it exists and matches
     result_extension: str = ".nii.gz"  # default result file type (a request may override)

@@ -70,8 +70,11 @@ def as_fraction(key: str, value) -> float:
 
 def as_int(key: str, value, low: int | None = None, high: int | None = None) -> int:
     """A whole number (3, "3", 3.0) in [low, high]."""
-    x = as_float(key, value)
-    if x != int(x) or (low is not None and x < low) or (high is not None and x > high):
+    try:
+        x = as_float(key, value)
+    except OptionError:
+        x = math.nan
+    if not math.isfinite(x) or x != int(x) or (low is not None and x < low) or (high is not None and x > high):
         bounds = " between {} and {}".format(low, high) if low is not None and high is not None else (
             f" >= {low}" if low is not None else f" <= {high}" if high is not None else "")
         raise OptionError(f"{key} {_show(value)} is not valid: expected an integer{bounds}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lib.transforms.postprocess import chain_gate, intensity_gate, largest_component
+from lib.transforms.postprocess import chain_gate, intensity_gate
 
 METHODS = ("sdfsmis", "copy", "registration")
 
@@ -78,7 +78,7 @@ class RegistrationMethod(ArrayMethod):
 
     `chain` (propagation inside one volume): register each slice to its neighbour towards the
     annotated slice and warp that neighbour's result, walking outward one slice at a time
-    (lib.model.chain.walk); with the gate on, each step's result is gated before it is carried on.
+    (lib.pipeline.walk.walk); with the gate on, each step's result is gated before it is carried on.
     """
 
     name = "registration"
@@ -103,7 +103,7 @@ class RegistrationMethod(ArrayMethod):
         """Chained (`chain`) when support and queries are one volume; else every query from the support."""
         if not self.chain or group.support != job.query:
             return super().run_group(dataset, job, group)
-        from lib.model.chain import walk
+        from lib.pipeline.walk import walk
 
         image, label, _ = dataset.load(job.query)
         lo, hi = chain_extent(group)
@@ -121,59 +121,32 @@ class RegistrationMethod(ArrayMethod):
 
 
 class SDFSMISMethod(ArrayMethod):
-    """The SD-FSMIS model in-process: one segment() call per group (support branch once), or, for a
-    model with `align_support`, the support registered onto every query first (lib.transforms.align).
-    Chained (`chain`), the gate checks every step before its result is carried on."""
+    """The SD-FSMIS model in-process, through the app's own pipeline (lib.pipeline.propagate): each
+    group is the request the app would get, an annotation holding the group's support slice, and its
+    query slices are read out of the result. `options` are the app's (chain, gate, largest, ...)."""
 
     name = "sdfsmis"
 
-    def __init__(self, model, batch_size: int = 8, info: dict | None = None, chain: bool = False,
-                 largest: bool = True, gate: bool = False, threads: int = 1):
-        from lib.transforms.align import support_aligner
-
-        super().__init__(gate)
+    def __init__(self, model, options, info: dict | None = None):
+        super().__init__(options.gate)
         self.model = model
-        self.batch_size = batch_size
+        self.options = options
         self.info = info or {}
-        self.chain = chain
-        self.largest = largest
-        self.aligner = support_aligner(model.config.align_support, threads=threads)
 
     def describe(self) -> dict:
-        return {"method": self.name, "batch_size": self.batch_size, "chain": self.chain,
-                "largest_component": self.largest, "intensity_gate": self.gate,
+        return {"method": self.name, "batch_size": self.options.batch_size, "chain": self.options.chain,
+                "largest_component": self.options.largest, "intensity_gate": self.options.gate,
+                "threshold": self.options.threshold, "merge": self.options.merge,
                 "align_support": self.model.config.align_support, **self.info}
 
     def run_group(self, dataset, job, group) -> np.ndarray:
-        """Chained (--chain): inside one volume from the annotated slice; across volumes from the
-        group's middle query slice, segmented from the support (`seeded_chain`). Else one support for all."""
-        if not self.chain:
-            masks = super().run_group(dataset, job, group)
-        else:
-            from lib.model.chain import chain_segment, seeded_chain
+        from lib.pipeline import propagate
 
-            align = self.aligner and self.aligner.align
-            image, label, _ = dataset.load(job.query)
-            if group.support == job.query:
-                lo, hi = chain_extent(group)
-                stack = np.moveaxis(image[..., lo:hi + 1], -1, 0)                 # (hi - lo + 1, H, W)
-                start, seed = group.support_z - lo, label[..., group.support_z] == job.label
-                masks, _ = chain_segment(self.model, stack, start, seed, verify=self.verifier(stack, start, seed),
-                                         align=align)
-            else:
-                lo, hi = min(group.query_z), max(group.query_z)
-                stack = np.moveaxis(image[..., lo:hi + 1], -1, 0)
-                s_img, s_lbl, _ = dataset.load(group.support)
-                masks, _ = seeded_chain(self.model, stack, group.query_z[len(group.query_z) // 2] - lo,
-                                        s_img[..., group.support_z], s_lbl[..., group.support_z] == job.label,
-                                        align=align, verify_for=chain_gate if self.gate else None)
-            masks = masks[np.asarray(group.query_z) - lo]
-        return largest_component(masks) if self.largest else masks
-
-    def segment(self, query, support_image, support_mask) -> np.ndarray:
-        import torch
-
-        with torch.inference_mode():
-            masks = self.model.segment(query, support_image, support_mask, batch_size=self.batch_size,
-                                       align=self.aligner and self.aligner.align)
-        return masks.cpu().numpy().astype(bool)
+        q_img, _, _ = dataset.load(job.query)
+        s_img, s_lbl, _ = dataset.load(group.support)
+        annotation = np.zeros(s_lbl.shape, dtype=np.uint8)
+        annotation[..., group.support_z] = s_lbl[..., group.support_z] == job.label
+        same = group.support == job.query
+        result = propagate(self.model, q_img, annotation, self.options, support_image=None if same else s_img,
+                           normalized=True, slices=list(group.query_z))
+        return np.moveaxis(result.label[..., list(group.query_z)] > 0, -1, 0)

@@ -13,56 +13,17 @@ from typing import Any
 import numpy as np
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
-from lib.configs.app_config import AppConfig, parse_bool
-from lib.infers.errors import bad_request
+from lib.configs.app_config import MERGE_RULES, AppConfig
+from lib.configs.fields import OptionError
 from lib.configs.model_store import ModelStore
-from lib.infers.propagate import MERGE_RULES, AnnotationError, propagate
+from lib.configs.request import infer_options
+from lib.infers.errors import bad_request
 from lib.infers.support import REQUEST_KEY, Support
-from lib.infers.volume_io import RESULT_EXTENSIONS, read_image, read_volume, to_array, write_label
+from lib.infers.volume_io import read_image, read_volume, to_array, write_label
+from lib.pipeline import AnnotationError, PropagateOptions, propagate
 from lib.server.validate import check_infer_request
 
 logger = logging.getLogger(__name__)
-
-BACKGROUND_SCRIBBLES = "background_scribbles"   # Slicer's scribbles label_info name: not an organ
-
-
-def _number(request: dict, key: str, default, cast, low, high):
-    value = request.get(key)
-    if value in (None, ""):
-        return default
-    try:
-        x = cast(value)
-    except (TypeError, ValueError):
-        raise bad_request(f"{key} {value!r} is not a number") from None
-    if not low <= x <= high:
-        raise bad_request(f"{key} {value!r} must be between {low} and {high}")
-    return x
-
-
-def _flag(request: dict, key: str, default: bool) -> bool:
-    """A boolean request option (true/false, 1/0, yes/no, on/off); absent -> default."""
-    value = request.get(key)
-    if value is None or value == "":
-        return default
-    parsed = parse_bool(value)
-    if parsed is None:
-        raise bad_request(f"{key} {value!r} is not valid: use true or false")
-    return parsed
-
-
-def ignored_values(request: dict) -> list[int]:
-    """Label values that are not organs: `ignore_labels` and Slicer's background scribbles (label_info)."""
-    values = request.get("ignore_labels") or []
-    if isinstance(values, (int, str)):
-        values = [v for v in str(values).split(",") if str(v).strip()]
-    try:
-        out = [int(v) for v in values]
-    except ValueError:
-        raise bad_request(f"ignore_labels {values!r} must be integers") from None
-    for info in request.get("label_info") or []:
-        if isinstance(info, dict) and info.get("name") == BACKGROUND_SCRIBBLES and info.get("id") is not None:
-            out.append(int(info["id"]))
-    return out
 
 
 class SDFSMISInfer(InferTask):
@@ -83,6 +44,7 @@ class SDFSMISInfer(InferTask):
                 "merge": list(MERGE_RULES) if cfg.merge == MERGE_RULES[0] else list(reversed(MERGE_RULES)),
                 "chain": cfg.chain,
                 "gate": cfg.gate,
+                "largest": cfg.largest,
                 "result_extension": cfg.result_extension,
             },
         )
@@ -103,22 +65,10 @@ class SDFSMISInfer(InferTask):
 
     # ---- request -> result -------------------------------------------------------------------
     def _options(self, request: dict) -> dict:
-        merge = request.get("merge") or self.cfg.merge
-        if isinstance(merge, list):   # the config() list form: first entry is the choice
-            merge = merge[0] if merge else self.cfg.merge
-        if merge not in MERGE_RULES:
-            raise bad_request(f"merge {merge!r} is not valid: choose one of {' | '.join(MERGE_RULES)}")
-        ext = request.get("result_extension") or self.cfg.result_extension
-        if ext not in RESULT_EXTENSIONS:
-            raise bad_request(f"result_extension {ext!r} is not valid: choose one of {' | '.join(RESULT_EXTENSIONS)}")
-        return {
-            "threshold": _number(request, "threshold", self.cfg.threshold, float, 1e-6, 1 - 1e-6),
-            "batch_size": _number(request, "batch_size", self.cfg.batch_size, int, 1, 4096),
-            "merge": merge,
-            "chain": _flag(request, "chain", self.cfg.chain),
-            "gate": _flag(request, "gate", self.cfg.gate),
-            "extension": ext,
-        }
+        try:
+            return infer_options(request, self.cfg)
+        except OptionError as err:
+            raise bad_request(str(err)) from None
 
     def __call__(self, request) -> tuple[str | None, dict]:
         start = time.perf_counter()
@@ -136,15 +86,15 @@ class SDFSMISInfer(InferTask):
             if support.image:
                 support_image, _ = read_volume(support.image, f"support image {support.image_id!r}")
             label = to_array(read_image(support.label))
-            ignore = ignored_values(request)
-            if ignore and label.dtype.kind in "biuf":
-                label = np.where(np.isin(label, ignore), 0, label)
+            if opts["ignore"] and label.dtype.kind in "biuf":
+                label = np.where(np.isin(label, opts["ignore"]), 0, label)
             pre = time.perf_counter()
             with self.store.lock:
                 model = self.store.get()
-                result = propagate(model, image, label, support_image=support_image, batch_size=opts["batch_size"],
-                                   threshold=opts["threshold"], merge=opts["merge"], chain=opts["chain"],
-                                   gate=opts["gate"])
+                run = PropagateOptions.for_model(model, opts["threshold"], batch_size=opts["batch_size"],
+                                                 merge=opts["merge"], chain=opts["chain"], gate=opts["gate"],
+                                                 largest=opts["largest"])
+                result = propagate(model, image, label, run, support_image=support_image)
                 served = self.store.info()
         except AnnotationError as err:
             raise bad_request(str(err)) from None
@@ -158,10 +108,11 @@ class SDFSMISInfer(InferTask):
                         "slices": {str(k): v for k, v in result.support.items()}},
             "organs": result.organs,
             "copied_slices": result.copied,
-            "threshold": opts["threshold"] if opts["threshold"] is not None else float(model.config.threshold),
-            "merge": opts["merge"],
-            "chain": opts["chain"],
-            "gate": opts["gate"],
+            "threshold": run.threshold,
+            "merge": run.merge,
+            "chain": run.chain,
+            "gate": run.gate,
+            "largest": run.largest,
             "model": served,
             "latencies": {
                 "pre": round(pre - start, 3), "infer": round(infer - pre, 3), "post": round(end - infer, 3),

@@ -9,11 +9,11 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass
 
+from lib.configs.request import REQUEST_KEY  # noqa: F401 - where the resolved support travels in the request
 from lib.dicom.datastore import saved_label_file
 from lib.infers.errors import bad_request, not_found
 from lib.server.validate import is_upload_path
 
-REQUEST_KEY = "_sdfsmis_support"   # where the resolved support travels inside the infer request
 
 
 @dataclass

@@ -11,9 +11,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from lib.infers.propagate import AnnotationError
-
-RESULT_EXTENSIONS = (".nii.gz", ".nii", ".nrrd")
+from lib.configs.app_config import RESULT_EXTENSIONS
+from lib.pipeline import AnnotationError
 
 
 def read_image(path) -> sitk.Image:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -160,6 +159,16 @@ class SDFSMIS(nn.Module):
             out = out + cache.prior[:, :out.shape[1]].to(out.dtype)   # z_s^M comes first in the prior
         return out
 
+    # ---- the network -------------------------------------------------------------------------
+    def forward(self, query: torch.Tensor, support_images: torch.Tensor, support_masks: torch.Tensor) -> torch.Tensor:
+        """One SD-FSMIS step: query (B, 1, S, S) in [0, 1], support images and masks (B, k, S, S) (k shots per
+        query, masks {0, 1}) -> predicted query-mask latents (B, C, s, s) (`decode` -> probabilities).
+        Gradients flow through both branches; inference uses `encode_support` + `predict` (cached)."""
+        b, k = support_images.shape[:2]
+        cache = self.support_branch(support_images.reshape(b * k, 1, *support_images.shape[-2:]),
+                                    support_masks.reshape(b * k, 1, *support_masks.shape[-2:]), groups=b)
+        return self.query_branch(query, cache)
+
     # ---- training ----------------------------------------------------------------------------
     def loss(self, support_images, support_masks, query_images, query_masks) -> torch.Tensor:
         """Episodes, 1 shot each, (B, 1, S, S) tensors -> MSE(predicted latent, query-mask latent).
@@ -168,8 +177,7 @@ class SDFSMIS(nn.Module):
         (`mask_loss`): the frozen decoder passes gradients, so a small organ weighs as much as the
         background that dominates the latent MSE.
         """
-        cache = self.support_branch(support_images, support_masks, groups=support_images.shape[0])
-        pred = self.query_branch(query_images, cache)
+        pred = self(query_images, support_images, support_masks)           # (B, 1, S, S) supports: k = 1
         with torch.no_grad():
             target = self.encode(query_masks.to(query_images.dtype))
         loss = F.mse_loss(pred.float(), target.float())
@@ -197,6 +205,13 @@ class SDFSMIS(nn.Module):
             return self.support_branch(images.to(self.device), masks.to(self.device), groups=1)
 
     @torch.inference_mode()
+    def encode_supports(self, images: torch.Tensor, masks: torch.Tensor) -> SupportCache:
+        """G one-shot supports at once, (G, 1, S, S) each -> one SupportCache of G groups (`predict`
+        then takes one query per group)."""
+        with self._autocast():
+            return self.support_branch(images.to(self.device), masks.to(self.device), groups=images.shape[0])
+
+    @torch.inference_mode()
     def predict(self, query_images: torch.Tensor, cache: SupportCache) -> torch.Tensor:
         """Query images (B, 1, S, S) -> mask probabilities (B, 1, S, S) in [0, 1]."""
         with self._autocast():
@@ -211,128 +226,3 @@ class SDFSMIS(nn.Module):
         c = self.vae.config.latent_channels
         with self._autocast():
             return self.decode(cache.prior[:, :c]).float()
-
-    @torch.inference_mode()
-    def predict_uncached(self, query_images, support_images, support_masks) -> torch.Tensor:
-        """As `predict`, recomputing the support branch for every query (the reference behaviour)."""
-        b, k = query_images.shape[0], support_images.shape[0]
-        cache = self.support_branch(
-            support_images.repeat(b, 1, 1, 1).to(self.device), support_masks.repeat(b, 1, 1, 1).to(self.device), groups=b
-        )
-        assert cache.shots == k
-        return self.decode(self.query_branch(query_images.to(self.device), cache)).float()
-
-    def segment(self, query_images, support_images, support_masks, batch_size: int = 8,
-                threshold: float | None = None, return_probs: bool = False, align=None) -> torch.Tensor:
-        """Any slice size, numpy or torch. query (N, H, W) in [0, 1]; support images/masks (k, H', W').
-
-        One k-shot support serves all N queries (support branch once). With `align` (a callable
-        (query (H, W), support image (H, W), support mask (H, W)) -> (image, mask), e.g.
-        lib.transforms.align.SliceAligner.align; 1-shot, one slice grid), every query gets the support
-        warped onto it instead, and the support branch runs once per query (`segment_pairs`).
-        Returns bool (N, H, W) on CPU (or the float probabilities with return_probs=True).
-        """
-        q = _as_slices(query_images, "query_images")
-        s_img = _as_slices(support_images, "support_images")
-        s_mask = _as_slices(support_masks, "support_masks")
-        if s_img.shape != s_mask.shape:
-            raise ValueError(f"support images {tuple(s_img.shape)} and masks {tuple(s_mask.shape)} differ in shape")
-        if not (s_mask > 0.5).any():
-            raise ValueError("the support mask is empty: annotate the organ on the support slice")
-        if align is not None:
-            if s_img.shape[0] != 1:
-                raise ValueError(f"an aligned support is 1-shot, got {s_img.shape[0]} support slices")
-            pairs = [align(qi[0].numpy(), s_img[0, 0].numpy(), s_mask[0, 0].numpy() > 0.5) for qi in q]
-            return self.segment_pairs(q[:, 0], np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs]),
-                                      batch_size, threshold, return_probs)
-        size, thr = self.config.image_size, self._thr(threshold)
-        cache = self.encode_support(resize_slices(s_img, size), (resize_slices(s_mask, size) > 0.5).float())
-        edit = self.config.edit_prior and s_mask.shape[0] == 1
-        if edit:
-            prior = resize_slices(self.decode_prior(cache).cpu(), q.shape[-2:])[:, 0]          # (1, H, W)
-            prior_mask = resize_slices(s_mask, q.shape[-2:])[:, 0] > 0.5
-        out = []
-        for start in range(0, q.shape[0], max(1, batch_size)):
-            chunk = q[start:start + batch_size]
-            probs = resize_slices(self.predict(resize_slices(chunk, size), cache).cpu(), q.shape[-2:])[:, 0]
-            out.append(apply_prior_edits(probs, prior, prior_mask, thr) if edit else probs)
-        probs = torch.cat(out) if out else torch.zeros(q.shape[0], *q.shape[-2:])
-        return probs if return_probs else probs > thr
-
-    def segment_pairs(self, query_images, support_images, support_masks, batch_size: int = 8,
-                      threshold: float | None = None, return_probs: bool = False) -> torch.Tensor:
-        """N queries (N, H, W), each with its own 1-shot support (N, H', W') -> bool (N, H, W) on CPU
-        (or probabilities). The support branch runs for every pair, `batch_size` pairs at a time."""
-        q = _as_slices(query_images, "query_images")
-        s_img = _as_slices(support_images, "support_images")
-        s_mask = _as_slices(support_masks, "support_masks")
-        if not (q.shape[0] == s_img.shape[0] == s_mask.shape[0]) or s_img.shape != s_mask.shape:
-            raise ValueError(f"pairs need one support per query: query {tuple(q.shape)}, support images "
-                             f"{tuple(s_img.shape)}, masks {tuple(s_mask.shape)}")
-        size, thr, full = self.config.image_size, self._thr(threshold), q.shape[-2:]
-        out = []
-        for start in range(0, q.shape[0], max(1, batch_size)):
-            sl = slice(start, start + max(1, batch_size))
-            masks = resize_mask(s_mask[sl], size).float()
-            if not masks.flatten(1).any(dim=1).all():
-                raise ValueError("a support mask is empty: every pair needs the organ on its support slice")
-            with torch.inference_mode(), self._autocast():
-                cache = self.support_branch(resize_slices(s_img[sl], size).to(self.device), masks.to(self.device),
-                                            groups=masks.shape[0])
-                probs = self.decode(self.query_branch(resize_slices(q[sl], size).to(self.device), cache)).float()
-            probs = resize_slices(probs.cpu(), full)[:, 0]
-            if self.config.edit_prior:
-                prior = resize_slices(self.decode_prior(cache).cpu(), full)[:, 0]
-                probs = apply_prior_edits(probs, prior, resize_slices(s_mask[sl], full)[:, 0] > 0.5, thr)
-            out.append(probs)
-        probs = torch.cat(out) if out else torch.zeros(q.shape[0], *full)
-        return probs if return_probs else probs > thr
-
-    def _thr(self, threshold: float | None) -> float:
-        return float(self.config.threshold if threshold is None else threshold)
-
-
-def apply_prior_edits(probs, prior_probs, prior_masks, threshold: float):
-    """The network's changes applied to the full-resolution prior (config `edit_prior`).
-
-    probs, prior_probs: (N, H, W) probabilities of the prediction and of the decoded support-mask
-    latent (what a `prior_residual` network predicts when it changes nothing), both upsampled from
-    network size; prior_masks: (N, H, W) the support masks on the query grid. Where the two decisions
-    at `threshold` agree, the network left the prior alone, and the prior mask's own pixels (1 / 0) are
-    kept; elsewhere the network's probability. torch or numpy in, the same out.
-    """
-    if torch.is_tensor(probs):
-        same = (probs > threshold) == (prior_probs > threshold)
-        return torch.where(same, torch.as_tensor(prior_masks).to(probs.dtype), probs)
-    same = (np.asarray(probs) > threshold) == (np.asarray(prior_probs) > threshold)
-    return np.where(same, np.asarray(prior_masks, dtype=np.float32), probs).astype(np.float32)
-
-
-def _as_slices(x, name: str) -> torch.Tensor:
-    """(N, H, W) or (H, W) array/tensor -> float32 (N, 1, H, W) CPU tensor."""
-    t = torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x).float().cpu()
-    if t.ndim == 2:
-        t = t[None]
-    if t.ndim != 3:
-        raise ValueError(f"{name} must be (N, H, W) slices, got shape {tuple(t.shape)}")
-    return t[:, None]
-
-
-def resize_mask(mask, size) -> torch.Tensor:
-    """(N, H, W) or (N, 1, H, W) binary mask -> bool (N, 1, *size): > 0.5 after `resize_slices`, or any
-    coverage at all on a slice where that leaves nothing (a tiny organ must survive the shrink to network size)."""
-    small = resize_slices(mask, size)
-    strict = small > 0.5
-    empty = ~strict.flatten(1).any(dim=1)                      # per slice: nothing above 0.5 left
-    return torch.where(empty.view(-1, 1, 1, 1), small > 0, strict)
-
-
-def resize_slices(x, size) -> torch.Tensor:
-    """(N, H, W) or (N, 1, H, W) array/tensor -> float32 (N, 1, *size), bilinear (antialiased when shrinking)."""
-    t = torch.as_tensor(np.ascontiguousarray(x) if not torch.is_tensor(x) else x).float()
-    if t.ndim == 3:
-        t = t[:, None]
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    if tuple(t.shape[-2:]) == size:
-        return t
-    return F.interpolate(t, size=size, mode="bilinear", antialias=True, align_corners=False)

@@ -12,8 +12,9 @@ import tempfile
 
 from fastapi import HTTPException
 
-MAX_ID = 128                                           # longest image id / tag / session id
-ID_RE = re.compile(r"^[^./\\~\x00-\x1f][^/\\\x00-\x1f]*$")   # a plain name: no separators, no leading dot
+from lib.configs.fields import OptionError, as_float, as_name
+from lib.configs.request import REQUEST_KEY, infer_options
+
 UPLOAD_EXTENSIONS = (".nii.gz", ".nii", ".nrrd")       # image and label files the app reads
 RESERVED_PARAMS = {"image", "label", "file", "model", "session", "session_id", "description"}
 NAME_PARAMS = ("support_image", "support_tag", "label_tag", "client_id")
@@ -38,13 +39,11 @@ def _show(value, n: int = 60) -> str:
 
 
 def plain_name(value, what: str = "id") -> str:
-    """An image id, label tag or session id: 1-128 characters, no '/' '\\' or '..', no leading '.' or '~'."""
-    if not isinstance(value, str) or not value:
-        raise ClientError(f"{what} {_show(value)} is not valid: a non-empty name is needed")
-    if len(value) > MAX_ID or not ID_RE.match(value) or ".." in value:
-        raise ClientError(f"{what} {_show(value)} is not valid: a plain name of at most {MAX_ID} characters "
-                          "(no path separators, no '..', no leading '.' or '~', no control characters)")
-    return value
+    """An image id, label tag or session id (lib.configs.fields.as_name) or ClientError 400."""
+    try:
+        return as_name(what, value)
+    except OptionError as err:
+        raise ClientError(str(err)) from None
 
 
 def upload_name(filename, what: str = "file") -> tuple[str, str]:
@@ -67,58 +66,6 @@ def is_upload_path(path) -> bool:
     return os.path.dirname(os.path.realpath(path)) == tmp
 
 
-def _int_like(value, what: str, low: int, high: int) -> int:
-    if isinstance(value, bool):
-        raise ClientError(f"{what} {_show(value)} is not an integer")
-    if isinstance(value, str):
-        value = value.strip()
-    try:
-        x = float(value)
-    except (TypeError, ValueError, OverflowError):
-        raise ClientError(f"{what} {_show(value)} is not an integer") from None
-    if not math.isfinite(x) or x != int(x):
-        raise ClientError(f"{what} {_show(value)} is not an integer")
-    if not low <= int(x) <= high:
-        raise ClientError(f"{what} {_show(value)} must be between {low} and {high}")
-    return int(x)
-
-
-def _number(value, what: str, low: float, high: float) -> float:
-    try:
-        x = float(value)
-    except (TypeError, ValueError, OverflowError):
-        raise ClientError(f"{what} {_show(value)} is not a number") from None
-    if isinstance(value, bool) or not math.isfinite(x) or not low <= x <= high:
-        raise ClientError(f"{what} {_show(value)} must be a number between {low} and {high}")
-    return x
-
-
-def label_values(value, what: str = "ignore_labels") -> list[int]:
-    """None | '' | 3 | '1,3' | [1, 3] -> [1, 3] (label values 0-255)."""
-    if value is None or value == "":
-        return []
-    if isinstance(value, str):
-        value = [v for v in value.split(",") if v.strip()]
-    elif not isinstance(value, list):
-        value = [value]
-    return [_int_like(v, f"{what} entry", 0, 255) for v in value]
-
-
-def check_label_info(value) -> None:
-    """Slicer's label_info: a list of {"name": str, "id": label value} objects."""
-    if value is None:
-        return
-    if not isinstance(value, list):
-        raise ClientError(f"label_info {_show(value)} must be a list of {{name, id}} objects")
-    for info in value:
-        if not isinstance(info, dict):
-            raise ClientError(f"label_info entry {_show(info)} must be an object with name and id")
-        if info.get("id") is not None:
-            _int_like(info["id"], "label_info id", 0, 255)
-        if info.get("name") is not None and not isinstance(info["name"], str):
-            raise ClientError(f"label_info name {_show(info['name'])} must be a string")
-
-
 def _path_like(value: str) -> bool:
     v = value.replace("\\", "/")
     return v.startswith(("/", "~")) or "../" in v or v.endswith("/..") or v == ".." or "\x00" in v
@@ -131,14 +78,15 @@ def check_infer_params(params: dict) -> dict:
     for key in NAME_PARAMS:
         if params.get(key) not in (None, ""):
             plain_name(params[key], key)
-    label_values(params.get("ignore_labels"))
-    check_label_info(params.get("label_info"))
-    if params.get("batch_size") not in (None, ""):
-        _int_like(params["batch_size"], "batch_size", 1, 4096)
-    if params.get("threshold") not in (None, ""):
-        _number(params["threshold"], "threshold", 1e-6, 1 - 1e-6)
+    try:
+        infer_options(params)   # the infer task's own parser: the same rules, checked before any file is read
+    except OptionError as err:
+        raise ClientError(str(err)) from None
     if params.get("timeout") not in (None, ""):
-        _number(params["timeout"], "timeout", 1, 3600)
+        try:
+            as_float("timeout", params["timeout"], 1, 3600)
+        except OptionError as err:
+            raise ClientError(str(err)) from None
     for key, value in params.items():
         if isinstance(value, str) and _path_like(value):
             raise ClientError(f"{key} {_show(value)} looks like a server path: paths are not accepted")
@@ -191,7 +139,7 @@ def check_infer_request(request: dict, max_voxels: int | None = None) -> None:
     check_infer_params({k: v for k, v in request.items() if k not in RESERVED_PARAMS and not str(k).startswith("_")})
     limit = int(max_voxels or DEFAULT_MAX_VOXELS)
     image = check_file(request["image"], limit, "image") if isinstance(request.get("image"), str) else None
-    support = request.get("_sdfsmis_support") or {"label": request.get("label")}
+    support = request.get(REQUEST_KEY) or {"label": request.get("label")}
     if not isinstance(support, dict) or not isinstance(support.get("label"), str):
         return
     label = check_file(support["label"], limit, "annotation")

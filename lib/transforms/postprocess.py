@@ -51,7 +51,7 @@ def intensity_gate(query, masks, support_image, support_mask, margin: float = 0.
 
 
 def chain_gate(slices, start: int, start_mask):
-    """The intensity gate as a chained walk's `verify` (lib.model.chain): slices (N, H, W) of the walk,
+    """The intensity gate as a chained walk's `verify` (lib.pipeline.walk): slices (N, H, W) of the walk,
     the annotation `start_mask` (H, W) on slices[start] -> verify(z, mask bool (H, W)) -> gated mask."""
     ref_image, ref_mask = np.asarray(slices[start])[None], np.asarray(start_mask, dtype=bool)[None]
     return lambda z, mask: intensity_gate(np.asarray(slices[z])[None], np.asarray(mask)[None], ref_image, ref_mask)[0]

@@ -1,0 +1,14 @@
+"""The ONE segmentation path: a support annotation -> organ masks, used by the app's infer and batch
+tasks and by the evaluation's `sdfsmis` method alike, so evaluation measures what the app serves.
+
+- options.py   PropagateOptions: resolved values (threshold a float, never None), merge rules
+- step.py      the step: align -> resize -> encode support -> predict -> resize back -> prior edits
+- walk.py      chained walks (slice by slice from an annotation, several at once), seeded across volumes
+- propagate.py volumes (H, W, Z) + a label map -> a multi-organ uint8 label map
+
+Imports flow one way: tasks -> pipeline -> lib.model / lib.transforms.
+"""
+from lib.pipeline.options import MERGE_RULES, PropagateOptions
+from lib.pipeline.propagate import AnnotationError, PropagationResult, propagate
+
+__all__ = ["AnnotationError", "MERGE_RULES", "PropagateOptions", "PropagationResult", "propagate"]

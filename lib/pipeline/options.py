@@ -1,0 +1,35 @@
+"""Options of the segmentation pipeline, resolved once by the caller (the infer task, the evaluation)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+MERGE_RULES = ("probability", "order")   # how a voxel claimed by several organs is resolved
+
+
+@dataclass(frozen=True)
+class PropagateOptions:
+    """threshold: mask threshold on the decoded [0, 1] map (resolved: never None); batch_size: query
+    slices (or support/query pairs) per forward pass; merge: MERGE_RULES; chain: walk slice by slice
+    from the annotation; gate: intensity gate (lib.transforms.postprocess); largest: keep each organ's
+    largest 3D connected component."""
+
+    threshold: float
+    batch_size: int = 8
+    merge: str = "probability"
+    chain: bool = True
+    gate: bool = True
+    largest: bool = False
+
+    def __post_init__(self):
+        if self.merge not in MERGE_RULES:
+            raise ValueError(f"unknown merge rule {self.merge!r}: choose one of {' | '.join(MERGE_RULES)}")
+        if not 0.0 < float(self.threshold) < 1.0:
+            raise ValueError(f"threshold {self.threshold!r} must be between 0 and 1")
+
+    @classmethod
+    def for_model(cls, model, threshold: float | None = None, **values) -> "PropagateOptions":
+        """The one place where "no threshold given" becomes the model's own default."""
+        return cls(threshold=float(model.config.threshold if threshold is None else threshold), **values)
+
+    def but(self, **values) -> "PropagateOptions":
+        return replace(self, **values)

@@ -1,0 +1,200 @@
+"""Annotation propagation: a few annotated slices -> a 3D multi-organ label (numpy / torch only).
+
+Volumes are (H, W, Z) arrays, Z (the last axis) the slice axis; inside, they are turned once into
+slice stacks (Z, H, W). Every non-zero annotation value is an organ, segmented 1-way with its own
+support and merged into one uint8 label map.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from lib.pipeline.options import PropagateOptions
+from lib.pipeline.step import Step
+from lib.pipeline.walk import ChainWalk, chain, seeded_chain
+from lib.transforms import normalize_volume
+from lib.transforms.align import support_aligner
+from lib.transforms.postprocess import chain_gate, intensity_gate, largest_component
+
+
+class AnnotationError(ValueError):
+    """An image or annotation the propagation cannot use (the app answers HTTP 400 with the message)."""
+
+
+def check_volume(image, name: str = "image") -> np.ndarray:
+    """A 3D volume (H, W, Z) with at least 2 slices (a trailing size-1 axis dropped) -> float32 (H, W, Z)."""
+    arr = np.asarray(image)
+    if arr.ndim == 4 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim != 3 or arr.shape[-1] < 2:
+        raise AnnotationError(
+            f"{name} has shape {tuple(arr.shape)}: SD-FSMIS needs a 3D volume (H, W, Z) with at least 2 slices "
+            "(2D images are not supported)"
+        )
+    return arr.astype(np.float32, copy=False)
+
+
+def check_annotation(label, shape, name: str = "annotation") -> np.ndarray:
+    """A label map of `shape` with whole values 0-255, not all zero -> uint8 (H, W, Z)."""
+    arr = np.asarray(label)
+    if arr.ndim == 4 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if tuple(arr.shape) != tuple(shape):
+        raise AnnotationError(f"{name} shape {tuple(arr.shape)} differs from the image shape {tuple(shape)}")
+    if arr.dtype.kind == "b":
+        arr = arr.astype(np.uint8)
+    if arr.dtype.kind not in "biuf":
+        raise AnnotationError(f"{name} has non-numeric values (dtype {arr.dtype})")
+    if arr.dtype.kind == "f" and (not np.isfinite(arr).all() or not np.all(np.mod(arr, 1) == 0)):
+        raise AnnotationError(f"{name} has non-integer values: label values must be whole numbers 0-255")
+    if arr.min() < 0:
+        raise AnnotationError(f"{name} has negative values (min {arr.min()}): label values must be 0-255")
+    if arr.max() > 255:
+        raise AnnotationError(f"{name} has values above 255 (max {arr.max()}): label values must be 0-255")
+    if not arr.any():
+        raise AnnotationError(f"{name} is empty (all zero): annotate the organ on at least one slice")
+    return arr.astype(np.uint8)
+
+
+def organ_values(label: np.ndarray) -> list[int]:
+    """Sorted non-zero values of a label map: one organ each."""
+    return [int(v) for v in np.unique(label) if v != 0]
+
+
+def annotated_slices(stack: np.ndarray) -> np.ndarray:
+    """(Z, H, W) -> the indices of the slices with any non-zero pixel."""
+    return np.flatnonzero(np.asarray(stack).reshape(stack.shape[0], -1).any(axis=1))
+
+
+def nearest_slices(query_z, support_z, n_query: int, n_support: int | None = None) -> np.ndarray:
+    """For each query slice index, the nearest support slice index.
+
+    Same volume (n_support None or == n_query): nearest by index. Another volume: nearest by relative
+    position z / (n - 1) along the slice axis. Ties go to the lower support index.
+    """
+    query_z = np.asarray(query_z, dtype=np.int64)
+    support_z = np.asarray(support_z, dtype=np.int64)
+    if support_z.size == 0:
+        raise AnnotationError("no annotated support slice")
+    if n_support is None or n_support == n_query:
+        qpos, spos = query_z.astype(np.float64), support_z.astype(np.float64)
+    else:
+        qpos, spos = query_z / max(n_query - 1, 1), support_z / max(n_support - 1, 1)
+    return support_z[np.argmin(np.abs(qpos[:, None] - spos[None, :]), axis=1)]
+
+
+def seed_slice(targets: np.ndarray, z_s: int, n_query: int, n_support: int) -> int:
+    """Across volumes: the query slice (of `targets`) at the support slice's relative position."""
+    rel = np.abs(targets / max(n_query - 1, 1) - z_s / max(n_support - 1, 1))
+    return int(targets[np.argmin(rel)])
+
+
+@dataclass
+class PropagationResult:
+    """label: uint8 (H, W, Z); support: organ value -> support slice indices used; copied: z copied as is."""
+
+    label: np.ndarray
+    organs: list[int]
+    support: dict[int, list[int]] = field(default_factory=dict)
+    copied: list[int] = field(default_factory=list)
+    forward_passes: int = 0
+    seconds: float = 0.0
+
+
+def propagate(model, image, support_label, options: PropagateOptions, support_image=None,
+              normalized: bool = False, slices=None) -> PropagationResult:
+    """Segment every organ of `support_label` in `image` (docs/app.md, "How a result is made").
+
+    image: (H, W, Z) query volume. support_label: label map on the support volume (H', W', Z').
+    support_image: the support volume; None = `image` itself (inside one volume: the annotated slices
+        are copied into the result unchanged and every other slice is segmented).
+    Each query slice is served, per organ, by the nearest slice annotated with that organ. options.chain:
+        inside one volume the walk starts at each annotated slice (all organs walk at once); across
+        volumes the query slice at the support slice's relative position is segmented first and the walk
+        starts there. options.gate: inside one volume against the annotation; across volumes only in a
+        chain, against the seed result (each volume has its own intensity scale). A model whose config
+        has `align_support = "registration"` gets every support registered onto its query slice first.
+    slices: the query slice indices wanted (default all); the others stay 0. Chained walks always walk
+        their whole range, so a wanted slice gets exactly what a full run gives it.
+    normalized: the volumes are already scaled to [0, 1] (else lib.transforms.normalize_volume).
+    """
+    start = time.perf_counter()
+    same = support_image is None
+    query = check_volume(image, "image")
+    support = query if same else check_volume(support_image, "support image")
+    label = check_annotation(support_label, support.shape, "annotation" if same else "support annotation")
+    if not normalized:
+        query = normalize_volume(query)
+        support = query if same else normalize_volume(support)
+    q, s, lab = (np.ascontiguousarray(np.moveaxis(v, -1, 0)) for v in (query, support, label))   # (Z, H, W)
+    n_query, n_support = q.shape[0], s.shape[0]
+    organs = organ_values(lab)
+    copied = annotated_slices(lab).tolist() if same else []
+    query_z = np.setdiff1d(np.arange(n_query), copied)
+    wanted = query_z if slices is None else np.intersect1d(query_z, np.asarray(slices, dtype=np.int64))
+    aligner = support_aligner(getattr(model.config, "align_support", "none"))
+    step = Step(model, options.threshold, aligner.align if aligner is not None else None, options.batch_size)
+    probs = {v: np.zeros(q.shape, dtype=np.float32) for v in organs}     # (Z, H, W) per organ
+    result = PropagationResult(np.zeros(query.shape, dtype=np.uint8), organs, copied=copied)
+    walks, owners = [], []
+    for value in organs:
+        mask = lab == value
+        support_z = annotated_slices(mask)
+        result.support[value] = support_z.tolist()
+        if wanted.size == 0:
+            continue
+        assign = nearest_slices(query_z, support_z, n_query, None if same else n_support)
+        for z_s in np.unique(assign):
+            targets = query_z[assign == z_s]
+            mine = np.intersect1d(targets, wanted)
+            if mine.size == 0:
+                continue
+            if options.chain and same:
+                verify = chain_gate(q, int(z_s), mask[z_s]) if options.gate else None
+                lo, hi = int(min(targets.min(), z_s)), int(max(targets.max(), z_s))
+                walks.append(ChainWalk(int(z_s), mask[z_s], verify, lo, hi))
+                owners.append((value, targets))
+            elif options.chain:
+                lo, hi = int(targets.min()), int(targets.max())
+                seed = seed_slice(targets, int(z_s), n_query, n_support) - lo
+                _, p = seeded_chain(step, q[lo:hi + 1], seed, s[z_s], mask[z_s],
+                                    chain_gate if options.gate else None)
+                probs[value][targets] = p[targets - lo]
+            else:
+                p = step.shared(q[mine], s[z_s], mask[z_s])
+                if options.gate and same:
+                    gated = intensity_gate(q[mine], p > options.threshold, s[z_s][None], mask[z_s][None])
+                    p = np.where(gated, p, 0.0)
+                probs[value][mine] = p
+    for (value, targets), (_, p) in zip(owners, chain(step, q, walks) if walks else []):
+        probs[value][targets] = p[targets]
+    _merge(result.label, probs, wanted, options, lab if same else None)
+    if copied:
+        result.label[..., copied] = label[..., copied]
+    result.forward_passes = step.forward_passes
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _merge(out: np.ndarray, probs: dict[int, np.ndarray], wanted: np.ndarray, options: PropagateOptions,
+           annotation: np.ndarray | None) -> None:
+    """Per-organ probabilities (Z, H, W) -> `out` (H, W, Z) on the wanted slices: "probability" (a voxel
+    above threshold for several organs gets the most probable; ties go to the later organ) or "order"
+    (later values overwrite). With `largest`, each organ first keeps its largest 3D connected component,
+    its annotated slices (`annotation` (Z, H, W), inside one volume) counted as part of it."""
+    best = np.full((len(wanted),) + out.shape[:2], -1.0, dtype=np.float32)
+    labels = np.zeros_like(best, dtype=np.uint8)
+    for value, p in probs.items():
+        fg = p > options.threshold
+        if options.largest:
+            if annotation is not None:
+                fg |= annotation == value
+            fg = largest_component(fg)
+        p, fg = p[wanted], fg[wanted]
+        if options.merge == "probability" and len(probs) > 1:
+            fg &= p >= best
+            best = np.where(fg, p, best)
+        labels[fg] = value
+    out[..., wanted] = np.moveaxis(labels, 0, -1)

@@ -1,0 +1,126 @@
+"""The step: segment query slices from 1-shot supports, on slices of any size.
+
+align (registration-aligned supports, the `mini` model's `align_support`) -> resize to network size
+(a tiny organ kept, `resize_mask`) -> encode the support (SII tokens, QE prototype, VTCT embedding) ->
+predict -> resize back -> prior edits (`edit_prior`). Every caller goes through `Step`: the chained
+walk, cross-volume segmentation, per-slice segmentation, the evaluation.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+Align = Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+def resize_slices(x, size) -> torch.Tensor:
+    """(N, H, W) or (N, 1, H, W) array/tensor -> float32 (N, 1, *size), bilinear (antialiased when shrinking)."""
+    t = torch.as_tensor(np.ascontiguousarray(x) if not torch.is_tensor(x) else x).float()
+    if t.ndim == 3:
+        t = t[:, None]
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    if tuple(t.shape[-2:]) == size:
+        return t
+    return F.interpolate(t, size=size, mode="bilinear", antialias=True, align_corners=False)
+
+
+def resize_mask(mask, size) -> torch.Tensor:
+    """(N, H, W) or (N, 1, H, W) binary mask -> bool (N, 1, *size): > 0.5 after `resize_slices`, or any
+    coverage at all on a slice where that leaves nothing (a tiny organ must survive the shrink)."""
+    small = resize_slices(mask, size)
+    strict = small > 0.5
+    empty = ~strict.flatten(1).any(dim=1)
+    return torch.where(empty.view(-1, 1, 1, 1), small > 0, strict)
+
+
+def apply_prior_edits(probs, prior_probs, prior_masks, threshold: float):
+    """The network's changes applied to the full-resolution prior (model config `edit_prior`).
+
+    probs, prior_probs: (N, H, W) probabilities of the prediction and of the decoded support-mask
+    latent (what a `prior_residual` network predicts when it changes nothing); prior_masks: (N, H, W)
+    the support masks on the query grid. Where the two decisions agree, the prior mask's own pixels
+    (1 / 0) are kept; elsewhere the network's probability. numpy in, numpy out.
+    """
+    same = (np.asarray(probs) > threshold) == (np.asarray(prior_probs) > threshold)
+    return np.where(same, np.asarray(prior_masks, dtype=np.float32), probs).astype(np.float32)
+
+
+class Step:
+    """One network step for a model: `pairs` (each query its own support) and `shared` (one support
+    for many queries; the support branch runs once unless supports are aligned per query).
+
+    threshold: resolved mask threshold; align(query, support image, support mask) -> (image, mask) on
+    the query's grid, or None; batch_size: pairs / queries per forward pass. All probabilities are
+    float32 numpy (N, H, W) on the query grid.
+    """
+
+    def __init__(self, model, threshold: float, align: Align | None = None, batch_size: int = 8):
+        self.model = model
+        self.threshold = float(threshold)
+        self.align = align
+        self.batch_size = max(1, int(batch_size))
+        self.size = model.config.image_size
+        self.edit = bool(getattr(model.config, "edit_prior", False))
+        self.forward_passes = 0
+
+    def _support(self, query: np.ndarray, image: np.ndarray, mask: np.ndarray):
+        """A support (H', W') for `query` (H, W): aligned onto it, or as given."""
+        return (image, mask) if self.align is None else self.align(query, image, mask)
+
+    @torch.inference_mode()
+    def pairs(self, queries, images, masks, keep_pixels: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """queries (B, H, W) in [0, 1], support images (B, H', W'), masks bool (B, H', W') ->
+        (probabilities (B, H, W), kept bool (B,)): a pair is kept when at least `keep_pixels` pixels pass
+        the threshold at network size (0: always); a pair not kept has probability 0."""
+        queries = np.asarray(queries, dtype=np.float32)
+        b, h, w = queries.shape
+        out, kept = np.zeros((b, h, w), dtype=np.float32), np.zeros(b, dtype=bool)
+        for start in range(0, b, self.batch_size):
+            idx = range(start, min(b, start + self.batch_size))
+            supports = [self._support(queries[i], images[i], masks[i]) for i in idx]
+            s_full = np.stack([np.asarray(s[1], dtype=np.float32) for s in supports])
+            s_img = resize_slices(np.stack([np.asarray(s[0], dtype=np.float32) for s in supports]), self.size)
+            s_mask = resize_mask(s_full, self.size).float()
+            if not s_mask.flatten(1).any(dim=1).all():
+                raise ValueError("a support mask is empty: every query needs the organ on its support slice")
+            cache = (self.model.encode_support(s_img, s_mask) if len(idx) == 1
+                     else self.model.encode_supports(s_img, s_mask))
+            small = self.model.predict(resize_slices(queries[list(idx)], self.size), cache).float().cpu()
+            self.forward_passes += 1
+            ok = (small > self.threshold).flatten(1).sum(dim=1) >= keep_pixels
+            probs = resize_slices(small, (h, w))[:, 0].numpy()
+            if self.edit:
+                prior = resize_slices(self.model.decode_prior(cache).float().cpu(), (h, w))[:, 0].numpy()
+                probs = apply_prior_edits(probs, prior, resize_slices(s_full, (h, w))[:, 0].numpy() > 0.5,
+                                          self.threshold)
+            out[list(idx)] = np.where(ok.numpy()[:, None, None], probs, 0.0)
+            kept[list(idx)] = ok.numpy()
+        return out, kept
+
+    @torch.inference_mode()
+    def shared(self, queries, image, mask) -> np.ndarray:
+        """queries (N, H, W) in [0, 1] from one support slice image (H', W') + mask (H', W') -> probabilities
+        (N, H, W). Unaligned, the support is encoded once for all N queries."""
+        queries = np.asarray(queries, dtype=np.float32)
+        mask = np.asarray(mask, dtype=bool)
+        if not mask.any():
+            raise ValueError("the support mask is empty: annotate the organ on the support slice")
+        n, h, w = queries.shape
+        if self.align is not None:
+            return self.pairs(queries, np.repeat(np.asarray(image)[None], n, 0), np.repeat(mask[None], n, 0))[0]
+        cache = self.model.encode_support(resize_slices(np.asarray(image, np.float32)[None], self.size),
+                                          resize_mask(mask[None].astype(np.float32), self.size).float())
+        if self.edit:
+            prior = resize_slices(self.model.decode_prior(cache).float().cpu(), (h, w))[:, 0].numpy()
+            prior_mask = resize_slices(mask[None].astype(np.float32), (h, w))[:, 0].numpy() > 0.5
+        out = np.zeros((n, h, w), dtype=np.float32)
+        for start in range(0, n, self.batch_size):
+            sl = slice(start, start + self.batch_size)
+            probs = resize_slices(self.model.predict(resize_slices(queries[sl], self.size), cache).float().cpu(),
+                                  (h, w))[:, 0].numpy()
+            self.forward_passes += 1
+            out[sl] = apply_prior_edits(probs, prior, prior_mask, self.threshold) if self.edit else probs
+        return out
