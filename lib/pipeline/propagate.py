@@ -24,10 +24,8 @@ class AnnotationError(ValueError):
 
 
 def check_volume(image, name: str = "image") -> np.ndarray:
-    """A 3D volume (H, W, Z) with at least 2 slices (a trailing size-1 axis dropped) -> float32 (H, W, Z)."""
+    """A 3D volume (H, W, Z) with at least 2 slices -> float32 (H, W, Z) (files: lib.infers.volume_io)."""
     arr = np.asarray(image)
-    if arr.ndim == 4 and arr.shape[-1] == 1:
-        arr = arr[..., 0]
     if arr.ndim != 3 or arr.shape[-1] < 2:
         raise AnnotationError(
             f"{name} has shape {tuple(arr.shape)}: SD-FSMIS needs a 3D volume (H, W, Z) with at least 2 slices "
@@ -39,8 +37,6 @@ def check_volume(image, name: str = "image") -> np.ndarray:
 def check_annotation(label, shape, name: str = "annotation") -> np.ndarray:
     """A label map of `shape` with whole values 0-255, not all zero -> uint8 (H, W, Z)."""
     arr = np.asarray(label)
-    if arr.ndim == 4 and arr.shape[-1] == 1:
-        arr = arr[..., 0]
     if tuple(arr.shape) != tuple(shape):
         raise AnnotationError(f"{name} shape {tuple(arr.shape)} differs from the image shape {tuple(shape)}")
     if arr.dtype.kind == "b":
