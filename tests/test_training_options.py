@@ -110,12 +110,13 @@ def test_train_request_options_are_typed_with_defaults():
 
 
 @pytest.mark.parametrize("request_, key", [
-    ({"iterations": "abc"}, "iterations"), ({"iterations": 0}, "iterations"), ({"iterations": float("inf")}, "iterations"),
-    ({"iterations": 10**8}, "iterations"), ({"iterations": ["x"]}, "iterations"), ({"batch_size": "many"}, "batch_size"),
-    ({"batch_size": True}, "batch_size"), ({"batch_size": 0}, "batch_size"), ({"lr_unet": "x"}, "lr_unet"), ({"lr_new": -1}, "lr_new"),
-    ({"lr_new": float("nan")}, "lr_new"), ({"checkpoint_every": 0}, "checkpoint_every"), ({"init": "xyz"}, "init"),
-    ({"init": [1]}, "init"), ({"device": "tpu"}, "device"), ({"device": ["cuda"]}, "device"),
-    ({"device": "cuda:x"}, "device"), ({"device": "/dev/nvidia0"}, "device"),
+    ({"iterations": "abc"}, "iterations"), ({"iterations": 0}, "iterations"),
+    ({"iterations": float("inf")}, "iterations"), ({"iterations": 10**8}, "iterations"),
+    ({"iterations": ["x"]}, "iterations"), ({"batch_size": "many"}, "batch_size"),
+    ({"batch_size": True}, "batch_size"), ({"batch_size": 0}, "batch_size"), ({"lr_unet": "x"}, "lr_unet"),
+    ({"lr_new": -1}, "lr_new"), ({"lr_new": float("nan")}, "lr_new"), ({"checkpoint_every": 0}, "checkpoint_every"),
+    ({"init": "xyz"}, "init"), ({"init": [1]}, "init"), ({"device": "tpu"}, "device"),
+    ({"device": ["cuda"]}, "device"), ({"device": "cuda:x"}, "device"), ({"device": "/dev/nvidia0"}, "device"),
 ])
 def test_bad_train_request_options_name_their_key(request_, key):
     from lib.server.validate import ClientError, check_train_options
