@@ -2,11 +2,11 @@
 
     python -m benchmarks.train_speed --preset mini sd15 --reference ../shared/reference --device cpu
 
-One iteration is the step of lib/train.py: model.loss on a batch of 1-shot episodes (support branch,
-query branch, MSE to the query-mask latent), backward, gradient clipping at 1.0, AdamW with the
-preset's two learning-rate groups. sd15 uses random weights in the SD v1.5 / DINOv2-small
-architectures with the VAE and DINOv2 frozen, as in the paper. Episode sampling and augmentation
-(data loading) are not timed.
+One iteration is the step of lib/training/loop.py: model.loss on a batch of 1-shot episodes (support
+branch, query branch, MSE to the query-mask latent), backward, gradient clipping at 1.0, AdamW with
+the two learning-rate groups of the preset's recipe (lib.training.recipe). sd15 uses random weights
+in the SD v1.5 / DINOv2-small architectures with the VAE and DINOv2 frozen, as in the paper. Episode
+sampling and augmentation (data loading) are not timed.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import argparse
 import torch
 
 from benchmarks.common import PRESETS, PeakMemory, apply_device_args, Timer, build, device_name, emit_json, load_average, phantom
+from lib.training.recipe import recipe_for
 
 
 def episodes(batch: int, size: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -28,12 +29,12 @@ def episodes(batch: int, size: int, seed: int = 0) -> dict[str, torch.Tensor]:
 def run_preset(args, preset: str, device: torch.device) -> dict:
     torch.manual_seed(0)
     model = build(preset, args.reference).to(device).train()
-    cfg = model.config
-    batch_size = args.batch_size or cfg.batch_size
+    cfg, recipe = model.config, recipe_for(preset)
+    batch_size = args.batch_size or recipe.batch_size
     groups = model.param_groups()
     optimizer = torch.optim.AdamW(
-        [{"params": groups["unet"], "lr": cfg.lr_unet}, {"params": groups["new"], "lr": cfg.lr_new}],
-        weight_decay=cfg.weight_decay,
+        [{"params": groups["unet"], "lr": recipe.lr_unet}, {"params": groups["new"], "lr": recipe.lr_new}],
+        weight_decay=recipe.weight_decay,
     )
     params = [p for g in optimizer.param_groups for p in g["params"]]
     trainable = sum(p.numel() for p in params)

@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from lib.model import build_model, is_checkpoint, load_checkpoint, read_meta
-from lib.train import EpisodeLoss, TrainOptions, _param_groups, train
+from lib.training import TrainOptions, lr_factor, recipe_for, train
+from lib.training.losses import EpisodeLoss
+from lib.training.loop import param_groups
 from tests.synthetic_volumes import write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,7 +44,7 @@ def test_a_few_iterations_lower_the_loss_on_a_fixed_batch():
     # the query's disc moved and grew: not solved by the support-mask prior that tiny starts from
     batch = {"support_image": image, "support_mask": mask, "query_image": query, "query_mask": moved}
     net = EpisodeLoss(model)
-    opt = torch.optim.AdamW(_param_groups(model, TrainOptions(preset="tiny")))
+    opt = torch.optim.AdamW(param_groups(model, "sdfsmis", recipe_for("tiny")))
     losses = []
     for _ in range(8):
         loss = net(batch)
@@ -157,8 +159,6 @@ def test_sdfsmis_stage_takes_only_the_vae_of_a_vae_stage_run(dataset, tmp_path):
 
 
 def test_learning_rate_schedule_warms_up_then_decays_by_cosine():
-    from lib.train import lr_factor
-
     assert [lr_factor(i, 100, 10) for i in (1, 5, 10, 50, 100)] == [0.1, 0.5, 1.0, 1.0, 1.0]
     cos = [lr_factor(i, 110, 10, "cosine") for i in range(1, 111)]
     assert cos[4] == 0.5 and cos[9] == pytest.approx(1.0)
@@ -174,9 +174,7 @@ def test_stop_at_ends_early_on_the_full_schedule(dataset, tmp_path):
     assert res.stopped and res.iterations_done == 2
     assert read_meta(res.model_dir)["extra"]["iteration"] == 2
     lines = [json.loads(x) for x in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
-    from lib.train import lr_factor
-
-    base = build_model("tiny").config.lr_unet
+    base = recipe_for("tiny").lr_unet
     assert [x["iteration"] for x in lines] == [1, 2]
     assert lines[-1]["lr"][0] == pytest.approx(base * lr_factor(2, 6, 0, "cosine"))   # planned for 6, not 2
 
@@ -184,7 +182,7 @@ def test_stop_at_ends_early_on_the_full_schedule(dataset, tmp_path):
 def test_align_registers_each_support_and_is_recorded_in_the_model(dataset, tmp_path, monkeypatch):
     """--align registration: every episode's support is registered onto its query before augmentation,
     and the published config says so (inference then aligns too); a resumed run keeps it."""
-    import lib.train as lt
+    from lib.training.options import parse_args
     from lib.transforms.align import SliceAligner
 
     aligned = []
@@ -207,4 +205,4 @@ def test_align_registers_each_support_and_is_recorded_in_the_model(dataset, tmp_
     assert aligned == [] and read_meta(tmp_path / "plain" / "model")["model"]["align_support"] == "none"
     with pytest.raises(ValueError, match="unknown support alignment"):
         train(_opts(dataset, tmp_path / "bad", tmp_path, iterations=1, align="flow"))
-    assert lt.parse_args(["d", "--out", "o", "--align", "registration"]).align == "registration"
+    assert parse_args(["d", "--out", "o", "--align", "registration"]).align == "registration"

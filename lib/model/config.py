@@ -5,6 +5,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 ALIGNMENTS = ("none", "registration")  # align_support values (lib.transforms.align does the registration)
+# Training settings that older checkpoints recorded here; they now live in lib.training.recipe.
+LEGACY_TRAINING_KEYS = ("lr_unet", "lr_new", "weight_decay", "batch_size", "iterations")
 
 
 @dataclass
@@ -12,7 +14,8 @@ class SDFSMISConfig:
     """Everything needed to rebuild a model and run it as it was trained.
 
     unet / vae / dino are the diffusers UNet2DConditionModel, AutoencoderKL and transformers
-    Dinov2Config dictionaries; the rest are the SD-FSMIS choices (paper values for `sd15`).
+    Dinov2Config dictionaries; the rest are the SD-FSMIS choices (paper values for `sd15`). How a
+    model is trained (learning rates, batch, iterations) is its recipe, not part of this config.
     """
 
     preset: str
@@ -27,11 +30,6 @@ class SDFSMISConfig:
     timestep: int = 999            # single-step conditioning timestep [999]
     threshold: float = 0.5         # mask threshold on the decoded [0, 1] map
     train_encoder: bool = False    # VTCT image encoder trained with the rest (False: frozen DINOv2)
-    lr_unet: float = 1e-5          # AdamW learning rate of the UNet [1e-5]
-    lr_new: float = 5e-5           # AdamW learning rate of the MLP and new layers [5e-5]
-    weight_decay: float = 1e-2     # [1e-2]
-    batch_size: int = 1            # training episodes per step [1]
-    iterations: int = 15000        # training iterations [15k]
     query_prior: str = "none"      # support latents also fed to the query branch: none [paper] | mask | image+mask
     prior_residual: bool = False   # predict a correction added to the support-mask latent (needs a query_prior)
     mask_loss_weight: float = 0.0  # weight of Dice + BCE on the decoded query mask (0: latent MSE only [paper])
@@ -49,6 +47,8 @@ class SDFSMISConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "SDFSMISConfig":
+        """A config from `to_dict` output; legacy training keys are dropped, other unknown keys raise."""
+        data = {k: v for k, v in data.items() if k not in LEGACY_TRAINING_KEYS}
         known = {f for f in cls.__dataclass_fields__}
         unknown = set(data) - known
         if unknown:

@@ -52,11 +52,10 @@ def _vae(widths, groups, layers=1) -> dict:
 
 
 PRESETS: dict[str, SDFSMISConfig] = {
-    # The paper: SD v1.5 UNet + VAE, frozen DINOv2-small, 256x256 inputs, paper hyper-parameters.
+    # The paper: SD v1.5 UNet + VAE, frozen DINOv2-small, 256x256 inputs (its training recipe: lib.training.recipe).
     "sd15": SDFSMISConfig(
         preset="sd15", unet=SD15_UNET, vae=SD15_VAE, dino=DINOV2_SMALL, image_size=256, dino_size=224,
-        n_tokens=4, vtct_hidden=768, train_encoder=False, lr_unet=1e-5, lr_new=5e-5, batch_size=1,
-        iterations=15000,
+        n_tokens=4, vtct_hidden=768, train_encoder=False,
     ),
     # Same layout, small widths and 128x128 inputs: trains and serves on 2 CPU cores. A 3-level VAE
     # gives 32x32 latents (masks decode at Dice 0.93; a 4-level one's 16x16 latents cap them at 0.88);
@@ -70,16 +69,15 @@ PRESETS: dict[str, SDFSMISConfig] = {
         preset="mini", unet=_unet([32, 64, 128, 128], 4, 128, 16, 32, plain_top=True), vae=_vae([8, 16, 32], 8),
         dino=dict(DINOV2_SMALL, hidden_size=96, num_hidden_layers=4, num_attention_heads=3, image_size=112),
         image_size=128, dino_size=112, n_tokens=4, vtct_hidden=256, train_encoder=True,
-        lr_unet=3e-4, lr_new=3e-4, batch_size=4, iterations=2500, mask_loss_weight=1.0,
-        query_prior="image+mask", prior_residual=True, align_support="registration", edit_prior=True,
+        mask_loss_weight=1.0, query_prior="image+mask", prior_residual=True, align_support="registration",
+        edit_prior=True,
     ),
     # Smallest widths, 64x64 inputs: for tests only.
     "tiny": SDFSMISConfig(
         preset="tiny", unet=_unet([16, 32], 2, 32, 8, 8), vae=_vae([8, 8, 8, 8], 4),
         dino=dict(DINOV2_SMALL, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, image_size=56),
         image_size=64, dino_size=56, n_tokens=2, vtct_hidden=32, train_encoder=True,
-        lr_unet=1e-3, lr_new=1e-3, batch_size=2, iterations=20, mask_loss_weight=1.0,
-        query_prior="image+mask", prior_residual=True,
+        mask_loss_weight=1.0, query_prior="image+mask", prior_residual=True,
     ),
 }
 

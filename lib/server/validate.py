@@ -104,28 +104,14 @@ def check_client_params(params, reserved=RESERVED_PARAMS) -> dict:
 
 
 def check_train_options(options) -> dict:
-    """The sdfsmis train options (docs/app.md), checked before the task is submitted."""
-    from lib.trainers.sdfsmis import INIT_CHOICES, _opt
+    """The sdfsmis train options (docs/app.md), checked before the task is submitted: the train task's
+    own parser (lib.training.request_options), its OptionError as a 400."""
+    from lib.configs.fields import OptionError
+    from lib.training.options import request_options
 
-    if not isinstance(options, dict):
-        raise ClientError(f"train options {_show(options)} must be a JSON object")
     try:
-        init = options.get("init") or INIT_CHOICES[0]
-        init = (init[0] if init else INIT_CHOICES[0]) if isinstance(init, list) else init
-        if init not in INIT_CHOICES:
-            raise ValueError(f"train option init={init!r} is not valid: choose one of {' | '.join(INIT_CHOICES)}")
-        for key in ("iterations", "batch_size", "checkpoint_every"):
-            value = _opt(options, key, int, 1)
-            if value is not None and value > 10_000_000:
-                raise ValueError(f"train option {key}={value!r} is too large")
-        for key in ("lr_unet", "lr_new"):
-            value = _opt(options, key, float, 0.0)
-            if value is not None and not math.isfinite(value):
-                raise ValueError(f"train option {key}={value!r} must be a finite number")
-        device = options.get("device") or "auto"
-        if not isinstance(device, str) or (device not in ("auto", "cpu") and not re.match(r"^cuda(:\d+)?$", device)):
-            raise ValueError(f"train option device={device!r} is not valid: choose one of auto | cpu | cuda")
-    except (ValueError, OverflowError) as err:
+        request_options(options)
+    except OptionError as err:
         raise ClientError(str(err)) from None
     return options
 

@@ -1,7 +1,7 @@
 """The MONAI Label train task `sdfsmis`: self-supervised training on ALL datastore images.
 
 Episodes come from cached supervoxel pseudo-labels (lib.data), so no annotation is needed. The loop is
-`lib.train.train`; it publishes `<train_dir>/model` atomically every `checkpoint_every` iterations and
+`lib.training.train`; it publishes `<train_dir>/model` atomically every `checkpoint_every` iterations and
 at the end, and the infer task reloads it before its next request. MONAI Label runs this task in a
 subprocess: progress reaches `/info` (train_stats) through `<train_dir>/train_stats.json`.
 """
@@ -21,29 +21,14 @@ from lib.configs.app_config import AppConfig
 from lib.configs.model_store import PUBLISHED, ModelStore
 from lib.model import is_checkpoint, read_meta
 from lib.server import trainer_lock
+from lib.training import INIT_CHOICES, TrainOptions, request_options
+from lib.training.options import REQUEST_DEFAULTS
 
 logger = logging.getLogger(__name__)
 
-INIT_CHOICES = ("current", "preset")
 NIFTI = (".nii", ".nii.gz")
 STOP_FILE = "STOP"
 STATS_FILE = "train_stats.json"
-
-
-def _opt(request: dict, key: str, cast, low=None):
-    """A request option: '' / None -> None; else cast and bound-checked (ValueError names the key)."""
-    value = request.get(key)
-    if isinstance(value, list):   # config() list form: the first entry is the choice
-        value = value[0] if value else None
-    if value is None or value == "":
-        return None
-    try:
-        x = cast(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"train option {key}={value!r} is not a valid {cast.__name__}") from None
-    if low is not None and x < low:
-        raise ValueError(f"train option {key}={value!r} must be >= {low}")
-    return x
 
 
 def _pid_alive(pid) -> bool:
@@ -67,15 +52,8 @@ class SDFSMISTrain(TrainTask):
         self._stop_signal = False
 
     def config(self):
-        return {
-            "iterations": 200,           # iterations added by this run
-            "lr_unet": "",               # '' = the preset's / checkpoint's value
-            "lr_new": "",
-            "batch_size": "",
-            "init": list(INIT_CHOICES),  # current: fine-tune the served model; preset: start over
-            "checkpoint_every": 50,
-            "device": "auto",
-        }
+        """The options a client may send (lib.training.options.REQUEST_DEFAULTS; '' = the recipe's)."""
+        return {k: list(INIT_CHOICES) if k == "init" else "" if v is None else v for k, v in REQUEST_DEFAULTS.items()}
 
     # ---- progress, shared with the server process through a JSON file ---------------------------
     def stats(self):
@@ -112,40 +90,32 @@ class SDFSMISTrain(TrainTask):
             raise ValueError("the datastore has no NIfTI images to train on")
         return paths
 
-    def options(self, request: dict, images: list[str]):
-        from lib.train import TrainOptions   # the loop's imports are heavy: only in the train process
+    def options(self, request: dict, images: list[str]) -> tuple[TrainOptions, int]:
+        """The request (lib.training.request_options) -> (TrainOptions, iterations already done)."""
+        req = request_options(request)
+        device = req["device"]
+        if device.startswith("cuda"):
+            import torch
 
-        init = request.get("init") or INIT_CHOICES[0]
-        init = init[0] if isinstance(init, list) else init
-        if init not in INIT_CHOICES:
-            raise ValueError(f"train option init={init!r} is not valid: choose one of {' | '.join(INIT_CHOICES)}")
-        iterations = _opt(request, "iterations", int, 1) or 200
-        device = request.get("device") or "auto"
-        if device not in ("auto", "cpu") and not device.startswith("cuda"):
-            raise ValueError(f"train option device={device!r} is not valid: choose one of auto | cpu | cuda")
-        import torch
-
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            device = "cpu"
+            device = device if torch.cuda.is_available() else "cpu"
         published = self.out / PUBLISHED
         source = self.store.source
         resume, init_folder, done = False, None, 0
-        if init == "current":
+        if req["init"] == "current":
             if source.kind == "trained" and is_checkpoint(published):
                 resume = True
                 done = int(read_meta(published).get("extra", {}).get("iteration", 0))
             else:
                 init_folder = source.folder
         return TrainOptions(
-            data=images, out=str(self.out), preset=source.preset, init=init_folder, iterations=done + iterations,
-            batch_size=_opt(request, "batch_size", int, 1), lr_unet=_opt(request, "lr_unet", float, 0.0),
-            lr_new=_opt(request, "lr_new", float, 0.0), checkpoint_every=_opt(request, "checkpoint_every", int, 1) or 50,
-            device=device, resume=resume, sd_path=self.cfg.sd_source, dino_path=self.cfg.dino_source,
-            progress_bar=False, log_every=1,
+            data=images, out=str(self.out), preset=source.preset, init=init_folder, iterations=done + req["iterations"],
+            batch_size=req["batch_size"], lr_unet=req["lr_unet"], lr_new=req["lr_new"],
+            checkpoint_every=req["checkpoint_every"], device=device, resume=resume, sd_path=self.cfg.sd_source,
+            dino_path=self.cfg.dino_source, progress_bar=False, log_every=1,
         ), done
 
     def __call__(self, request, datastore):
-        from lib.train import train
+        from lib.training import train   # the loop's imports are heavy: only in the train process
 
         start = time.time()
         self.out.mkdir(parents=True, exist_ok=True)
