@@ -60,7 +60,7 @@ def test_infer_options_name_the_key_and_the_valid_values(params, words):
 
     with pytest.raises(OptionError, match=words):
         infer_options(params)
-    assert infer_options({"threshold": "0.3", "chain": "no", "batch_size": ["4"]})["threshold"] == 0.3
+    assert infer_options({"threshold": "0.3", "chain": "no", "merge": ["order", "probability"]})["merge"] == "order"
 
 
 # ---- --conf ------------------------------------------------------------------------------------

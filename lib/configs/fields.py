@@ -108,10 +108,11 @@ def as_label_values(key: str, value) -> list[int]:
 
 
 def read(source: dict, key: str, parse: Callable[..., Any], default=None, *args):
-    """source[key] parsed with `parse(key, value, *args)`; absent, None or "" -> default; a list (the
-    config() form) -> its first entry."""
+    """source[key] parsed with `parse(key, value, *args)`; absent, None or "" -> default. A choice may
+    come as a list (MONAI Label merges the task's config() into the request: its first entry is the
+    choice); any other option given as a list is refused."""
     value = source.get(key)
-    if isinstance(value, list) and parse is not as_label_values:
+    if isinstance(value, list) and parse is as_choice:
         value = value[0] if value else None
     if value is None or value == "":
         return default
