@@ -4,7 +4,7 @@ request params and train request params (JSON), the CLIs' defaults.
 Each parser takes the option's key (named in the message) and a raw value, and returns the typed
 value or raises `OptionError` (a ValueError) saying what is allowed. Callers turn that into their
 own error: `ConfError` at start-up, HTTP 400 for a request. `read` applies the common rules of a
-request: absent or "" means the default, and MONAI Label's config() list form means its first entry.
+request: absent or "" means the default, and MONAI Label's config() list form of a choice its first entry.
 """
 from __future__ import annotations
 
@@ -107,12 +107,12 @@ def as_label_values(key: str, value) -> list[int]:
     return [as_int(f"{key} entry", v, 0, 255) for v in value]
 
 
-def read(source: dict, key: str, parse: Callable[..., Any], default=None, *args):
-    """source[key] parsed with `parse(key, value, *args)`; absent, None or "" -> default. A choice may
-    come as a list (MONAI Label merges the task's config() into the request: its first entry is the
-    choice); any other option given as a list is refused."""
+def read(source: dict, key: str, parse: Callable[..., Any], default=None, *args, listed: bool = False):
+    """source[key] parsed with `parse(key, value, *args)`; absent, None or "" -> default. `listed`: the
+    task's config() offers this option as a list of choices, which MONAI Label merges into the request
+    as is, so a list means its first entry; any other list is refused by the parser."""
     value = source.get(key)
-    if isinstance(value, list) and parse is as_choice:
+    if listed and isinstance(value, list):
         value = value[0] if value else None
     if value is None or value == "":
         return default

@@ -38,7 +38,7 @@ def infer_options(request: dict, cfg: AppConfig | None = None) -> dict:
     return {
         "threshold": read(request, "threshold", as_fraction, cfg.threshold),
         "batch_size": read(request, "batch_size", as_int, cfg.batch_size, 1, 4096),
-        "merge": read(request, "merge", as_choice, cfg.merge, MERGE_RULES),
+        "merge": read(request, "merge", as_choice, cfg.merge, MERGE_RULES, listed=True),
         "chain": read(request, "chain", as_bool, cfg.chain),
         "gate": read(request, "gate", as_bool, cfg.gate),
         "largest": read(request, "largest", as_bool, cfg.largest),

@@ -187,7 +187,7 @@ def request_options(request) -> dict:
         "lr_unet": read(request, "lr_unet", as_float, d["lr_unet"], 0.0),
         "lr_new": read(request, "lr_new", as_float, d["lr_new"], 0.0),
         "batch_size": read(request, "batch_size", as_int, d["batch_size"], 1, MAX_COUNT),
-        "init": read(request, "init", as_choice, d["init"], INIT_CHOICES),
+        "init": read(request, "init", as_choice, d["init"], INIT_CHOICES, listed=True),
         "checkpoint_every": read(request, "checkpoint_every", as_int, d["checkpoint_every"], 1, MAX_COUNT),
         "device": as_device("device", request["device"]) if request.get("device") not in (None, "") else d["device"],
     }   # device: a plain string (config() offers no list for it)
