@@ -1,15 +1,15 @@
 """The app's settings, parsed once from MONAI Label's `--conf key value` pairs (strings).
 
-This module is the only reader of `conf` and of the app's environment variables; everything else
-gets an `AppConfig`. Values are parsed by lib.configs.fields, as request options are.
+This module is the only reader of `conf`; everything else gets an `AppConfig`. The weight-folder
+environment variables are read by lib.model.pretrained.weights_source, for the app and the CLIs alike. Values are parsed by lib.configs.fields, as request options are.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 from lib.configs.fields import OptionError, as_bool, as_choice, as_fraction, as_int, as_name
+from lib.model.pretrained import DINO_ENV, SD_ENV, weights_source
 from lib.pipeline.options import MERGE_RULES
 
 PRESETS = ("mini", "sd15", "tiny")
@@ -17,7 +17,6 @@ DEVICES = ("auto", "cpu", "cuda")
 RESULT_EXTENSIONS = (".nii.gz", ".nii", ".nrrd")    # result file types the infer task writes
 # the Abd-MRI (CHAOS) ids; only names for viewers: every non-zero annotation value is segmented
 DEFAULT_LABELS = (("liver", 1), ("right_kidney", 2), ("left_kidney", 3), ("spleen", 4))
-SD_ENV, DINO_ENV = "SDFSMIS_SD_PATH", "SDFSMIS_DINO_PATH"   # the only environment variables the app reads
 
 
 class ConfError(OptionError):
@@ -49,11 +48,11 @@ class AppConfig:
 
     @property
     def sd_source(self) -> str | None:
-        return self.sd_path or os.environ.get(SD_ENV) or None
+        return weights_source(self.sd_path, SD_ENV)
 
     @property
     def dino_source(self) -> str | None:
-        return self.dino_path or os.environ.get(DINO_ENV) or None
+        return weights_source(self.dino_path, DINO_ENV)
 
     def train_folder(self, app_dir) -> Path:
         return Path(self.train_dir) if self.train_dir else Path(app_dir) / "model" / "trained"

@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import Dinov2Config, Dinov2Model
 
 from lib.model.config import SDFSMISConfig
-from lib.model.pretrained import DINO_ENV, DINO_HUB_ID, SD15_HUB_ID, SD_ENV, load_dinov2, load_sd15
+from lib.model.pretrained import DINO_ENV, DINO_HUB_ID, SD15_HUB_ID, SD_ENV, load_dinov2, load_sd15, weights_source
 from lib.model.presets import preset_config
 from lib.model.sdfsmis import SDFSMIS
 
@@ -69,8 +68,8 @@ def build_model(
         config.vae = {k: v for k, v in vae.config.items() if not k.startswith("_")}
         config.dino = {k: v for k, v in encoder.config.to_dict().items() if k in config.dino}
         config.sources = {
-            "sd": sd_path or os.environ.get(SD_ENV) or SD15_HUB_ID,
-            "dino": dino_path or os.environ.get(DINO_ENV) or DINO_HUB_ID,
+            "sd": weights_source(sd_path, SD_ENV) or SD15_HUB_ID,
+            "dino": weights_source(dino_path, DINO_ENV) or DINO_HUB_ID,
         }
     else:
         unet, vae, encoder = _random_parts(config)

@@ -63,11 +63,17 @@ def _load(cls, source: str | None, hub_id: str, how_to: str, **kwargs):
     raise PretrainedWeightsMissing(how_to + f"\n(tried: {'; '.join(tried)})")
 
 
+def weights_source(explicit: str | None, env: str) -> str | None:
+    """The folder to load pretrained weights from: the one given, else the environment variable `env`
+    (SD_ENV / DINO_ENV), else None (the Hugging Face cache or hub). The one reader of those variables."""
+    return explicit or os.environ.get(env) or None
+
+
 def load_sd15(sd_path: str | None = None):
     """-> (UNet2DConditionModel, AutoencoderKL) of SD v1.5 from `sd_path`, $SDFSMIS_SD_PATH or the hub."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    source = sd_path or os.environ.get(SD_ENV)
+    source = weights_source(sd_path, SD_ENV)
     how_to = _how_to("Stable Diffusion v1.5", SD15_HUB_ID, "sd_path", SD_ENV,
                      "in diffusers layout (with unet/ and vae/ subfolders)")
     unet = _load(UNet2DConditionModel, source, SD15_HUB_ID, how_to, subfolder="unet")
@@ -79,6 +85,6 @@ def load_dinov2(dino_path: str | None = None):
     """-> transformers Dinov2Model (DINOv2-small) from `dino_path`, $SDFSMIS_DINO_PATH or the hub."""
     from transformers import Dinov2Model
 
-    source = dino_path or os.environ.get(DINO_ENV)
+    source = weights_source(dino_path, DINO_ENV)
     how_to = _how_to("DINOv2-small", DINO_HUB_ID, "dino_path", DINO_ENV, "with config.json and model.safetensors")
     return _load(Dinov2Model, source, DINO_HUB_ID, how_to)
