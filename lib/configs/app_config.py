@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from lib.configs.fields import OptionError, as_bool, as_choice, as_fraction, as_int, as_name
+from lib.configs.fields import OptionError, as_bool, as_choice, as_fraction, as_int, as_name, parse_bool  # noqa: F401 - parse_bool: re-exported for lib.infers.sdfsmis
 
 PRESETS = ("mini", "sd15", "tiny")
 DEVICES = ("auto", "cpu", "cuda")
