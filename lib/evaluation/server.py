@@ -47,7 +47,7 @@ class ServerMethod(ArrayMethod):
     name = "server"
 
     def __init__(self, url: str, dataset_name: str, model: str = "sdfsmis", client=None, tmpdir=None,
-                 batch: bool = True, wait_s: float = 30.0):
+                 batch: bool = True, wait_s: float = 30.0, params: dict | None = None):
         super().__init__(gate=False)        # the app applies its own gate
         self._tmp = tempfile.TemporaryDirectory(prefix="eval-server-") if tmpdir is None else None
         self.tmpdir = Path(tmpdir or self._tmp.name)
@@ -60,6 +60,7 @@ class ServerMethod(ArrayMethod):
         self.model = model
         self.batch = batch
         self.wait_s = wait_s
+        self.params = dict(params or {})    # extra infer options (e.g. {"gate": False}), sent in both modes
         self.prefix = re.sub(r"[^A-Za-z0-9_-]+", "-", dataset_name).strip("-") or "eval"
         token = uuid.uuid4().hex[:8]
         self.support_tag, self.result_tag = f"eval-{token}-support", f"eval-{token}-result"
@@ -71,7 +72,7 @@ class ServerMethod(ArrayMethod):
     def describe(self) -> dict:
         return {"method": "sdfsmis", "server": self.url, "infer_task": self.model,
                 "mode": "batch" if self.batch else "per-request", "batch_requests": self.batches,
-                "infer_requests": self.requests}
+                "infer_requests": self.requests, "params": self.params}
 
     def image_id(self, dataset, index: int) -> str:
         return f"{self.prefix}_image_{dataset.case_ids[index]}"
@@ -116,7 +117,7 @@ class ServerMethod(ArrayMethod):
         label_id = key[-1]
         queries = sorted({job.query for job, _ in pairs})
         ids = {q: self._ensure_uploaded(dataset, q) for q in queries}
-        params = {"images": [ids[q] for q in queries], "support_tag": self.support_tag,
+        params = {**self.params, "images": [ids[q] for q in queries], "support_tag": self.support_tag,
                   "label_tag": self.result_tag, "multi_gpu": False, "max_workers": 1, "logging": "WARNING"}
         if key[0] == "own":
             supports = {ids[job.query]: self._slice_label_file(dataset, job.query, group.support_z, label_id)
@@ -153,13 +154,13 @@ class ServerMethod(ArrayMethod):
         query_id = self._ensure_uploaded(dataset, job.query)
         label_file = self._slice_label_file(dataset, group.support, group.support_z, job.label)
         if group.support == job.query:
-            result, _ = self.client.infer(self.model, query_id, {}, label_in=label_file)
+            result, _ = self.client.infer(self.model, query_id, dict(self.params), label_in=label_file)
         else:
             support_id = self._ensure_uploaded(dataset, group.support)
             self.client.save_label(support_id, label_file, tag=self.support_tag)
             try:
-                result, _ = self.client.infer(self.model, query_id,
-                                              {"support_image": support_id, "support_tag": self.support_tag})
+                result, _ = self.client.infer(self.model, query_id, {**self.params, "support_image": support_id,
+                                                                     "support_tag": self.support_tag})
             finally:
                 self.client.remove_label(support_id, self.support_tag)
         self.requests += 1
