@@ -241,44 +241,83 @@ def test_sdfsmis_aligned_and_chained_runs_both_modes(data, tmp_path):
         assert all(0.0 <= r["dice"] <= 1.0 for r in results["per_volume"])
 
 
-def test_server_method_sends_the_prescribed_support_slice(data, tmp_path):
-    """A fake MONAI Label client whose 'model' copies the saved support slice to every slice."""
+class FakeClient:
+    """A fake MONAI Label app whose 'model' copies the one annotated support slice to every slice."""
 
-    class FakeClient:
-        def __init__(self):
-            self.labels, self.calls = {}, []
+    def __init__(self, tmp_path):
+        self.tmp, self.labels, self.calls = tmp_path, {}, []
 
-        def upload_image(self, path, image_id=None):
-            self.calls.append(("upload", image_id))
+    def upload_image(self, path, image_id=None):
+        self.calls.append(("upload", image_id))
 
-        def save_label(self, image_id, label_in, tag=""):
-            self.labels[(image_id, tag)] = np.asarray(nib.load(label_in).dataobj)
+    def save_label(self, image_id, label_in, tag=""):
+        self.labels[(image_id, tag)] = np.asarray(nib.load(label_in).dataobj)
 
-        def infer(self, model, image_id, params, label_in=None):
-            assert model == "sdfsmis"
-            if label_in:
-                label = np.asarray(nib.load(label_in).dataobj)
-            else:
-                assert (image_id, params["support_tag"]) not in self.labels    # query's own label never used
-                label = self.labels[(params["support_image"], params["support_tag"])]
-            annotated = np.flatnonzero(label.any(axis=(0, 1)))
-            assert len(annotated) == 1               # exactly the prescribed support slice
-            result = np.repeat(label[..., annotated], label.shape[-1], axis=-1).astype(np.uint8)
-            path = tmp_path / f"result_{len(self.calls)}.nii.gz"
-            nib.save(nib.Nifti1Image(result, np.eye(4)), str(path))
-            self.calls.append(("infer", image_id, params.get("support_image")))
-            return str(path), {}
+    def remove_label(self, image_id, tag):
+        return self.labels.pop((image_id, tag), None) is not None
 
+    def _segment(self, image_id, params, label=None):
+        if label is None:
+            label = self.labels.get((image_id, params["support_tag"]))
+        if label is None:     # the query's own label under the support tag is never there in cross-volume runs
+            label = self.labels[(params["support_image"], params["support_tag"])]
+        annotated = np.flatnonzero(label.any(axis=(0, 1)))
+        assert len(annotated) == 1               # exactly the prescribed support slice
+        return np.repeat(label[..., annotated], label.shape[-1], axis=-1).astype(np.uint8)
+
+    def _file(self, volume):
+        path = self.tmp / f"result_{len(self.calls)}.nii.gz"
+        nib.save(nib.Nifti1Image(volume, np.eye(4)), str(path))
+        return str(path)
+
+    def infer(self, model, image_id, params, label_in=None):
+        assert model == "sdfsmis"
+        label = np.asarray(nib.load(label_in).dataobj) if label_in else None
+        self.calls.append(("infer", image_id, params.get("support_image")))
+        return self._file(self._segment(image_id, params, label)), {}
+
+    def run_batch(self, model, params):
+        assert model == "sdfsmis" and params["label_tag"] != params["support_tag"]
+        for image_id in params["images"]:
+            self.labels[(image_id, params["label_tag"])] = self._segment(image_id, params)
+        self.calls.append(("batch", tuple(params["images"]), params.get("support_image")))
+
+    def fetch_label(self, image_id, tag, wait_s=0):
+        return self._file(self.labels[(image_id, tag)])
+
+
+@pytest.mark.parametrize("batch", [True, False])
+def test_server_method_sends_the_prescribed_support_slice(data, tmp_path, batch):
     organs = {"a": 1}
     dataset = EvalDataset(data, organs)
     plan = protocol_plan(dataset.slices, organs, [0], dataset.case_ids)
-    client = FakeClient()
-    server = run_plan(dataset, plan, lambda f: ServerMethod("http://fake", "abd-mri", client=client,
-                                                            tmpdir=tmp_path), overlay_slices=0, progress=False)
+    client = FakeClient(tmp_path)
+    method = ServerMethod("http://fake", "abd-mri", client=client, tmpdir=tmp_path, batch=batch)
+    server = run_plan(dataset, plan, lambda f: method, overlay_slices=0, progress=False)
     local = run_plan(dataset, plan, lambda f: CopyMethod(), overlay_slices=0, progress=False)
     assert [r["dice"] for r in server["records"]] == pytest.approx([r["dice"] for r in local["records"]])
-    infers = [c for c in client.calls if c[0] == "infer"]
-    assert len(infers) == 6 and {c[2] for c in infers} == {"abd-mri_image_3"}
+    if batch:    # fold 0: 2 queries x 3 chunks = one batch per support slice, over both queries
+        batches = [c for c in client.calls if c[0] in ("batch", "infer")]
+        assert batches == [("batch", ("abd-mri_image_1", "abd-mri_image_2"), "abd-mri_image_3")] * 3
+    else:
+        infers = [c for c in client.calls if c[0] == "infer"]
+        assert len(infers) == 6 and {c[2] for c in infers} == {"abd-mri_image_3"}
+    assert client.labels == {}, "private support / result labels were left on the server"
+
+
+def test_server_batch_groups_propagation_by_organ(data, tmp_path):
+    """Propagation: one batch per organ; each volume is supported by its own saved annotation slice."""
+    organs = {"a": 1, "b": 2}
+    dataset = EvalDataset(data, organs)
+    plan = propagation_plan(dataset.slices, organs, {"all": [0, 1, 2]}, dataset.case_ids)
+    client = FakeClient(tmp_path)
+    method = ServerMethod("http://fake", "abd-mri", client=client, tmpdir=tmp_path)
+    server = run_plan(dataset, plan, lambda f: method, overlay_slices=0, progress=False)
+    local = run_plan(dataset, plan, lambda f: CopyMethod(), overlay_slices=0, progress=False)
+    assert [r["dice"] for r in server["records"]] == pytest.approx([r["dice"] for r in local["records"]])
+    assert [c for c in client.calls if c[0] in ("batch", "infer")] == [
+        ("batch", ("abd-mri_image_1", "abd-mri_image_2", "abd-mri_image_3"), None)] * 2
+    assert client.labels == {} and method.describe()["batch_requests"] == 2
 
 
 def test_registration_beats_copy_on_a_shifted_organ():

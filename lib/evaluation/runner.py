@@ -17,6 +17,8 @@ def run_plan(dataset, plan: Plan, method_for_fold: Callable, empty: str = "diago
     'methods': {fold: method.describe()}}.
 
     method_for_fold(fold) returns the method for that fold (a per-fold checkpoint, or one method).
+    A method with `prepare(dataset, jobs)` gets the fold's jobs first (the server's batch requests);
+    that time counts as segmentation time.
     """
     records, overlays, methods = [], {}, {}
     timings = {"per_fold_s": {}, "segment_s": 0.0, "metrics_s": 0.0, "slices": 0, "calls": 0}
@@ -26,6 +28,10 @@ def run_plan(dataset, plan: Plan, method_for_fold: Callable, empty: str = "diago
         jobs = sorted((j for j in plan.jobs if j.fold == fold), key=lambda j: j.query)
         fold_start = time.perf_counter()
         method = method_for_fold(fold)
+        if hasattr(method, "prepare"):
+            t0 = time.perf_counter()
+            method.prepare(dataset, jobs)
+            timings["segment_s"] += time.perf_counter() - t0
         bar = tqdm(jobs, desc=f"fold {fold}", unit="vol", disable=not progress, leave=False)
         for job in bar:
             case = dataset.case_ids[job.query]

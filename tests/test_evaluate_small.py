@@ -1,0 +1,52 @@
+"""`python -m lib.evaluate` on a folder of 3 volumes: propagation needs no folds; protocol says why it cannot run."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lib.evaluate import evaluate, main
+from lib.evaluation.protocol import ProtocolError
+from tests.synthetic_volumes import write_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory) -> Path:
+    return write_dataset(tmp_path_factory.mktemp("small") / "volumes", n=3, shape=(40, 40, 14))
+
+
+def test_propagation_runs_on_three_volumes(small, tmp_path):
+    out = tmp_path / "prop"
+    results = evaluate(["--data", str(small), "--organs", "big=1,small=2", "--method", "copy", "--mode", "propagation",
+                        "--out", str(out), "--no-progress", "--overlay-slices", "0"])
+    # every volume once per organ, each its own support, scored on its organ extent
+    assert sorted(r["query"] for r in results["per_volume"]) == [0, 0, 1, 1, 2, 2]
+    assert all(r["support"][0]["volume"] == r["query"] for r in results["per_volume"])
+    assert {(r["organ"], r["n_slices"]) for r in results["per_volume"]} == {("big", 9), ("small", 3)}
+    # organs that do not move between slices: copy is exact
+    assert results["summary"]["dice"]["mean"] == pytest.approx(1.0)
+    assert results["plan"]["rpt_folds_case_ids"] is None
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["mode"] == "propagation" and (out / "results.md").is_file()
+
+
+def test_protocol_and_fold_selection_need_ten_volumes(small, tmp_path):
+    args = ["--data", str(small), "--organs", "big=1", "--method", "copy", "--out", str(tmp_path / "x"), "--no-progress"]
+    with pytest.raises(ProtocolError, match=r"--mode protocol needs the 5-fold protocol.*at least 10 volumes.*has 3"):
+        evaluate(args)
+    with pytest.raises(ProtocolError, match=r"--folds needs the 5-fold protocol"):
+        evaluate(args + ["--mode", "propagation", "--folds", "0"])
+    assert main(args) == 2 and not (tmp_path / "x" / "results.json").exists()
+
+
+def test_module_entry_point_prints_the_reason(small, tmp_path):
+    """`python -m lib.evaluate` is a thin entry: same message, exit status 2."""
+    proc = subprocess.run([sys.executable, "-m", "lib.evaluate", "--data", str(small), "--organs", "big=1",
+                           "--method", "copy", "--out", str(tmp_path / "y")], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "at least 10 volumes" in proc.stderr and "--mode propagation" in proc.stderr
