@@ -30,6 +30,10 @@ class StubModel:
         self.encoded.append(masks.clone())
         return torch.full_like(masks, self.constant[i]) if i < len(self.constant) else masks.clone()
 
+    def encode_supports(self, images, masks):
+        """G one-shot supports: one encode_support each (so `constant` counts supports)."""
+        return torch.cat([self.encode_support(i[None], m[None]) for i, m in zip(images, masks)])
+
     def predict(self, queries, cache):
         self.batches.append(queries.shape[0])
         return cache.expand(queries.shape[0], -1, -1, -1).clone()
@@ -300,7 +304,7 @@ def test_chain_hooks_align_each_support_and_verify_each_step():
     masks, probs = chain_segment(StubModel(), np.random.default_rng(0).random((8, 16, 16)), 3, ann,
                                  align=align, verify=verify)
     assert seen == [((16, 16), (16, 16), np.dtype(bool))] * 6      # 4 steps up (4..7), 2 down (2, 1)
-    assert checked == [4, 5, 6, 7, 2, 1]
+    assert checked == [4, 2, 5, 1, 6, 7]                            # both directions in lockstep
     for z in range(4, 8):
         assert np.array_equal(masks[z], np.roll(ann > 0, z - 3, axis=0))
     assert masks[2].any() and not masks[1].any() and not masks[0].any()

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from lib.model.chain import chain_segment, seeded_chain
+from lib.model.chain import ChainWalk, chain_segment_many, seeded_chain
 from lib.model.sdfsmis import resize_mask, resize_slices
 from lib.transforms import normalize_volume
 from lib.transforms.align import support_aligner
@@ -167,6 +167,8 @@ def propagate(
 
     aligner = support_aligner(getattr(model.config, "align_support", "none"))
     align = aligner.align if aligner is not None else None
+    walks = []   # chained inside one volume: (organ, targets, support z, ChainWalk), all walked at once below
+    stack = np.ascontiguousarray(np.moveaxis(query, -1, 0)) if chain and same_volume else None
 
     def paint(value: int, zs: np.ndarray, probs: np.ndarray, z_s: int, gated: bool = False) -> None:
         """probs (H, W, len(zs)) of organ `value` on slices zs, support slice z_s -> out (and best)."""
@@ -192,11 +194,9 @@ def propagate(
             targets = query_z[assign == z_s]
             if chain and same_volume:
                 lo, hi = int(min(targets.min(), z_s)), int(max(targets.max(), z_s))
-                stack, start = np.moveaxis(query[..., lo:hi + 1], -1, 0), int(z_s) - lo
-                _, probs = chain_segment(model, stack, start, mask[..., z_s], threshold=thr, align=align,
-                                         verify=chain_gate(stack, start, mask[..., z_s]) if gate else None)
+                verify = chain_gate(stack, int(z_s), mask[..., z_s]) if gate else None
+                walks.append((value, targets, z_s, ChainWalk(int(z_s), mask[..., z_s], verify, lo, hi)))
                 result.forward_passes += hi - lo
-                paint(value, targets, np.moveaxis(probs[targets - lo], 0, -1), z_s, gated=True)
                 continue
             if chain:                         # across volumes: one slice from the support, then a walk
                 lo, hi = int(targets.min()), int(targets.max())
@@ -226,6 +226,10 @@ def propagate(
                 probs = resize_slices(probs.float().cpu(), (h, w))[:, 0].numpy()            # (B, H, W)
                 result.forward_passes += 1
                 paint(value, zs, np.moveaxis(probs, 0, -1), z_s)
+    if walks:
+        runs = chain_segment_many(model, stack, [wk for *_, wk in walks], threshold=thr, align=align)
+        for (value, targets, z_s, _), (_, probs) in zip(walks, runs):
+            paint(value, targets, np.moveaxis(probs[targets], 0, -1), z_s, gated=True)
     if copied:
         out[..., copied] = label[..., copied]
     result.seconds = time.perf_counter() - start

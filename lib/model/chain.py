@@ -3,8 +3,10 @@
 The training episodes are near-slice pairs, so a one-slice step is the task the network learned.
 Starting at an annotated slice, the chain walks outward one slice at a time, each result becoming the
 next support; a direction ends where the organ disappears (an empty result), so the chain also finds
-where the organ ends. `walk` is the walk itself, for any step (the network here, registration in the
-evaluation's baseline); `seeded_chain` starts it from a slice segmented from another volume.
+where the organ ends. `walk` is the walk itself, for any step (registration in the evaluation's
+baseline); `chain_segment_many` walks several organs at once with the network, both directions of each
+in lockstep, so that every round is one network batch; `seeded_chain` starts a walk from a slice
+segmented from another volume.
 
 Two hooks keep this module free of SimpleITK and scipy: `align` warps the previous slice and its mask
 onto the next one before the network sees them (lib.transforms.align, the `mini` model's
@@ -13,6 +15,7 @@ intensity gate, lib.transforms.postprocess), so that an error is not carried alo
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -38,6 +41,19 @@ def walk(n: int, start: int, start_mask: np.ndarray, step: Step) -> dict[int, np
     return masks
 
 
+@dataclass
+class ChainWalk:
+    """One chained walk over a stack (N, H, W): from slice `start`, annotated with `mask` (H, W), outward
+    in both directions inside slices lo..hi (hi None: the last); verify(z, mask bool (H, W)) -> mask
+    checks each result before it is carried on (None: no check)."""
+
+    start: int
+    mask: np.ndarray
+    verify: Callable | None = None
+    lo: int = 0
+    hi: int | None = None
+
+
 @torch.inference_mode()
 def chain_segment(model, slices, start: int, start_mask, threshold: float | None = None, min_pixels: int = 1,
                   align: Callable | None = None, verify: Callable | None = None,
@@ -52,46 +68,87 @@ def chain_segment(model, slices, start: int, start_mask, threshold: float | None
     Returns (masks bool (N, H, W), probabilities float32 (N, H, W)); row `start` is `start_mask`, rows
     never reached are empty with probability 0; masks == probabilities > threshold (pixels that
     `verify` removed have probability 0, pixels it added just above the threshold).
+    Both directions advance together, one network batch per step (`chain_segment_many`).
     """
-    vol = np.asarray(slices, dtype=np.float32)
+    return chain_segment_many(model, slices, [ChainWalk(start, start_mask, verify)], threshold, min_pixels,
+                              align)[0]
+
+
+@torch.inference_mode()
+def chain_segment_many(model, slices, walks: list[ChainWalk], threshold: float | None = None,
+                       min_pixels: int = 1, align: Callable | None = None, batch_size: int = 8,
+                       ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Several walks over one stack at once (e.g. every organ of a volume), as `chain_segment` each.
+
+    slices: (N, H, W) in [0, 1]. All walks advance in lockstep, both directions of each: the steps of
+    one round (one per live direction, up to `batch_size` at a time) go through the network as one
+    batch of 1-shot supports (`model.encode_supports`; a batch of one uses `model.encode_support`),
+    so a step's result does not depend on which other steps share its batch (up to float rounding).
+    -> one (masks bool (N, H, W), probabilities float32 (N, H, W)) per walk, rows outside its lo..hi
+    and rows not reached empty.
+    """
+    vol = np.ascontiguousarray(slices, dtype=np.float32)
     if vol.ndim != 3:
         raise ValueError(f"slices must be (N, H, W), got shape {tuple(vol.shape)}")
     n, h, w = vol.shape
-    if not 0 <= start < n:
-        raise ValueError(f"start slice {start} is outside 0..{n - 1}")
-    seed = np.asarray(start_mask, dtype=np.float32)
-    if seed.shape != (h, w):
-        raise ValueError(f"start_mask {tuple(seed.shape)} differs from the slice size {(h, w)}")
-    if not (seed > 0.5).any():
-        raise ValueError("the start mask is empty: annotate the organ on the start slice")
-    size = model.config.image_size
     thr = float(model.config.threshold if threshold is None else threshold)
-    edit = getattr(model.config, "edit_prior", False)       # apply_prior_edits: the model's inference default
-    probs = np.zeros((n, h, w), dtype=np.float32)
+    masks, probs, fronts = [], [], []
+    for i, wk in enumerate(walks):
+        lo, hi = int(wk.lo), n - 1 if wk.hi is None else int(wk.hi)
+        if not 0 <= lo <= wk.start <= hi < n:
+            raise ValueError(f"start slice {wk.start} is outside {lo}..{hi} (of 0..{n - 1})")
+        seed = np.asarray(wk.mask, dtype=np.float32)
+        if seed.shape != (h, w):
+            raise ValueError(f"start_mask {tuple(seed.shape)} differs from the slice size {(h, w)}")
+        if not (seed > 0.5).any():
+            raise ValueError("the start mask is empty: annotate the organ on the start slice")
+        m = np.zeros((n, h, w), dtype=bool)
+        m[wk.start] = seed > 0.5
+        masks.append(m)
+        probs.append(np.zeros((n, h, w), dtype=np.float32))
+        probs[i][wk.start] = m[wk.start]
+        fronts += [(i, d, wk.start) for d in (1, -1) if lo <= wk.start + d <= hi]   # (walk, direction, last z)
+    while fronts:
+        steps = [(i, z, z + d) for i, d, z in fronts]
+        outs = []
+        for k in range(0, len(steps), max(1, batch_size)):
+            chunk = steps[k:k + max(1, batch_size)]
+            outs += _network_steps(model, vol, [(a, b, masks[i][a]) for i, a, b in chunk], thr, min_pixels, align)
+        alive = []
+        for (i, d, z), (prob, out) in zip(fronts, outs):
+            b = z + d
+            if prob is not None:
+                if walks[i].verify is not None:
+                    out = np.asarray(walks[i].verify(b, out), dtype=bool)
+                probs[i][b] = np.where(out, np.maximum(prob, np.nextafter(np.float32(thr), np.float32(1))), 0.0)
+                masks[i][b] = out
+            lo, hi = int(walks[i].lo), n - 1 if walks[i].hi is None else int(walks[i].hi)
+            if masks[i][b].any() and lo <= b + d <= hi:
+                alive.append((i, d, b))
+        fronts = alive
+    return list(zip(masks, probs))
 
-    def step(a: int, b: int, mask: np.ndarray) -> np.ndarray:
-        s_img, s_mask = (vol[a], mask) if align is None else align(vol[b], vol[a], mask)
-        cache = model.encode_support(resize_slices(s_img[None], size),
-                                     resize_mask(np.asarray(s_mask, np.float32)[None], size).float())
-        p = model.predict(resize_slices(vol[b][None], size), cache).float().cpu()     # (1, 1, S, S)
-        if int((p > thr).sum()) < min_pixels:
-            return np.zeros((h, w), dtype=bool)
-        prob = resize_slices(p, (h, w))[0, 0].numpy()
-        if edit:
-            prior = resize_slices(model.decode_prior(cache).float().cpu(), (h, w))[0, 0].numpy()
-            prob = apply_prior_edits(prob, prior, s_mask, thr)
-        out = prob > thr
-        if verify is not None:
-            out = np.asarray(verify(b, out), dtype=bool)
-        probs[b] = np.where(out, np.maximum(prob, np.nextafter(np.float32(thr), np.float32(1))), 0.0)
-        return out
 
-    masks = walk(n, start, seed > 0.5, step)
-    out = np.zeros((n, h, w), dtype=bool)
-    for z, m in masks.items():
-        out[z] = m
-    probs[start] = out[start]
-    return out, probs
+def _network_steps(model, vol: np.ndarray, steps, thr: float, min_pixels: int, align: Callable | None):
+    """Steps (a, b, bool mask of slice a (H, W)) -> per step (probability (H, W) float32 or None when
+    fewer than `min_pixels` pixels pass at network size, mask bool (H, W) = probability > thr)."""
+    n, h, w = vol.shape
+    size = model.config.image_size
+    supports = [(vol[a], m) if align is None else align(vol[b], vol[a], m) for a, b, m in steps]
+    s_img = resize_slices(np.stack([s[0] for s in supports]), size)
+    s_full = np.stack([np.asarray(s[1], np.float32) for s in supports])
+    s_mask = resize_mask(s_full, size).float()
+    cache = model.encode_support(s_img, s_mask) if len(steps) == 1 else model.encode_supports(s_img, s_mask)
+    p = model.predict(resize_slices(vol[[b for _, b, _ in steps]], size), cache).float().cpu()   # (B, 1, S, S)
+    keep = (p > thr).flatten(1).sum(dim=1) >= min_pixels
+    if not keep.any():
+        return [(None, np.zeros((h, w), dtype=bool))] * len(steps)
+    prob = resize_slices(p, (h, w))[:, 0].numpy()
+    if getattr(model.config, "edit_prior", False):     # apply_prior_edits: the model's inference default
+        prior = resize_slices(model.decode_prior(cache).float().cpu(), (h, w))[:, 0].numpy()
+        prob = apply_prior_edits(prob, prior, s_full, thr)
+    return [(prob[j], prob[j] > thr) if keep[j] else (None, np.zeros((h, w), dtype=bool))
+            for j in range(len(steps))]
 
 
 def seeded_chain(model, slices, seed: int, support_image, support_mask, threshold: float | None = None,

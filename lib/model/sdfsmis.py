@@ -197,6 +197,13 @@ class SDFSMIS(nn.Module):
             return self.support_branch(images.to(self.device), masks.to(self.device), groups=1)
 
     @torch.inference_mode()
+    def encode_supports(self, images: torch.Tensor, masks: torch.Tensor) -> SupportCache:
+        """G one-shot supports at once, (G, 1, S, S) each -> one SupportCache of G groups (`predict`
+        then takes one query per group)."""
+        with self._autocast():
+            return self.support_branch(images.to(self.device), masks.to(self.device), groups=images.shape[0])
+
+    @torch.inference_mode()
     def predict(self, query_images: torch.Tensor, cache: SupportCache) -> torch.Tensor:
         """Query images (B, 1, S, S) -> mask probabilities (B, 1, S, S) in [0, 1]."""
         with self._autocast():
