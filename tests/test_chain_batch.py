@@ -32,7 +32,7 @@ def test_many_walks_equal_separate_walks_in_shared_batches():
              ChainWalk(4, _square((24, 24), 16, 8), None, lo=2, hi=7),
              ChainWalk(6, _square((24, 24), 12, 14), _stop_at(8))]
     stub = StubModel(size=24)
-    many = chain_segment_many(stub, slices, walks, align=_shift)
+    many = list(chain_segment_many(stub, slices, walks, align=_shift))
     # round 1: 2 directions x 3 walks in one batch; later rounds shrink as walks end
     assert stub.batches[0] == 6 and max(stub.batches) == 6 and len(stub.batches) < sum(len(m[0]) for m in many)
     for wk, (masks, probs) in zip(walks, many):
@@ -51,8 +51,8 @@ def test_batch_size_splits_a_round_without_changing_results():
     slices = np.random.default_rng(1).random((8, 16, 16)).astype(np.float32)
     walks = [ChainWalk(3, _square((16, 16), 5, 5)), ChainWalk(4, _square((16, 16), 10, 10))]
     small, big = StubModel(), StubModel()
-    a = chain_segment_many(small, slices, walks, batch_size=1)
-    b = chain_segment_many(big, slices, walks, batch_size=8)
+    a = list(chain_segment_many(small, slices, walks, batch_size=1))
+    b = list(chain_segment_many(big, slices, walks, batch_size=8))
     assert set(small.batches) == {1} and max(big.batches) == 4
     for (ma, pa), (mb, pb) in zip(a, b):
         assert np.array_equal(ma, mb) and np.array_equal(pa, pb)

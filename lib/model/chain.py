@@ -16,7 +16,7 @@ intensity gate, lib.transforms.postprocess), so that an error is not carried alo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -70,22 +70,23 @@ def chain_segment(model, slices, start: int, start_mask, threshold: float | None
     `verify` removed have probability 0, pixels it added just above the threshold).
     Both directions advance together, one network batch per step (`chain_segment_many`).
     """
-    return chain_segment_many(model, slices, [ChainWalk(start, start_mask, verify)], threshold, min_pixels,
-                              align)[0]
+    return next(chain_segment_many(model, slices, [ChainWalk(start, start_mask, verify)], threshold, min_pixels,
+                                   align))
 
 
 @torch.inference_mode()
 def chain_segment_many(model, slices, walks: list[ChainWalk], threshold: float | None = None,
                        min_pixels: int = 1, align: Callable | None = None, batch_size: int = 8,
-                       ) -> list[tuple[np.ndarray, np.ndarray]]:
+                       ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Several walks over one stack at once (e.g. every organ of a volume), as `chain_segment` each.
 
     slices: (N, H, W) in [0, 1]. All walks advance in lockstep, both directions of each: the steps of
     one round (one per live direction, up to `batch_size` at a time) go through the network as one
     batch of 1-shot supports (`model.encode_supports`; a batch of one uses `model.encode_support`),
     so a step's result does not depend on which other steps share its batch (up to float rounding).
-    -> one (masks bool (N, H, W), probabilities float32 (N, H, W)) per walk, rows outside its lo..hi
-    and rows not reached empty.
+    The walks run when this is called; it returns an iterator of one (masks bool (N, H, W),
+    probabilities float32 (N, H, W)) per walk, rows outside its lo..hi and rows not reached empty,
+    built one walk at a time (until then only the visited slices are kept).
     """
     vol = np.ascontiguousarray(slices, dtype=np.float32)
     if vol.ndim != 3:
@@ -102,11 +103,8 @@ def chain_segment_many(model, slices, walks: list[ChainWalk], threshold: float |
             raise ValueError(f"start_mask {tuple(seed.shape)} differs from the slice size {(h, w)}")
         if not (seed > 0.5).any():
             raise ValueError("the start mask is empty: annotate the organ on the start slice")
-        m = np.zeros((n, h, w), dtype=bool)
-        m[wk.start] = seed > 0.5
-        masks.append(m)
-        probs.append(np.zeros((n, h, w), dtype=np.float32))
-        probs[i][wk.start] = m[wk.start]
+        masks.append({wk.start: seed > 0.5})                      # visited slices only: z -> (H, W)
+        probs.append({wk.start: (seed > 0.5).astype(np.float32)})
         fronts += [(i, d, wk.start) for d in (1, -1) if lo <= wk.start + d <= hi]   # (walk, direction, last z)
     while fronts:
         steps = [(i, z, z + d) for i, d, z in fronts]
@@ -121,12 +119,22 @@ def chain_segment_many(model, slices, walks: list[ChainWalk], threshold: float |
                 if walks[i].verify is not None:
                     out = np.asarray(walks[i].verify(b, out), dtype=bool)
                 probs[i][b] = np.where(out, np.maximum(prob, np.nextafter(np.float32(thr), np.float32(1))), 0.0)
-                masks[i][b] = out
+            masks[i][b] = out
             lo, hi = int(walks[i].lo), n - 1 if walks[i].hi is None else int(walks[i].hi)
             if masks[i][b].any() and lo <= b + d <= hi:
                 alive.append((i, d, b))
         fronts = alive
-    return list(zip(masks, probs))
+    return (_dense((n, h, w), m, p) for m, p in zip(masks, probs))
+
+
+def _dense(shape, masks: dict, probs: dict) -> tuple[np.ndarray, np.ndarray]:
+    """{z: (H, W)} of the visited slices -> (masks bool (N, H, W), probabilities float32 (N, H, W))."""
+    out_m, out_p = np.zeros(shape, dtype=bool), np.zeros(shape, dtype=np.float32)
+    for z, m in masks.items():
+        out_m[z] = m
+    for z, p in probs.items():
+        out_p[z] = p
+    return out_m, out_p
 
 
 def _network_steps(model, vol: np.ndarray, steps, thr: float, min_pixels: int, align: Callable | None):
