@@ -10,7 +10,7 @@ from pathlib import Path
 
 from lib.configs.fields import OptionError, as_bool, as_choice, as_fraction, as_int, as_name
 from lib.model.pretrained import DINO_ENV, SD_ENV, weights_source
-from lib.pipeline.options import MERGE_RULES
+from lib.pipeline.options import MERGE_RULES, PropagateOptions
 
 PRESETS = ("mini", "sd15", "tiny")
 DEVICES = ("auto", "cpu", "cuda")
@@ -33,12 +33,12 @@ class AppConfig:
     checkpoint: str | None = None      # a checkpoint folder to serve
     device: str = "auto"               # auto | cpu | cuda
     threshold: float | None = None     # mask threshold; None = the checkpoint's
-    batch_size: int = 8                # query slices per forward pass
+    batch_size: int = PropagateOptions.batch_size   # query slices per forward pass
     label_tag: str = "final"           # datastore tag of saved annotations used as support
-    merge: str = "probability"         # how overlapping organs are resolved
-    chain: bool = True                 # walk slice by slice from the annotation (across volumes: from a seed slice)
-    gate: bool = True                  # keep predicted pixels in the organ's intensity range (never vs another volume)
-    largest: bool = True               # keep each organ's largest connected component (3D), as evaluated
+    merge: str = PropagateOptions.merge  # how overlapping organs are resolved
+    chain: bool = PropagateOptions.chain  # walk slice by slice from the annotation (across volumes: from a seed slice)
+    gate: bool = PropagateOptions.gate  # keep predicted pixels in the organ's intensity range (never vs another volume)
+    largest: bool = PropagateOptions.largest  # keep each organ's largest connected component (3D), as evaluated
     train_dir: str | None = None       # trainer output; None = <app>/model/trained
     use_trained: bool = True           # serve <train_dir>/model when it exists and matches
     result_extension: str = ".nii.gz"  # default result file type (a request may override)

@@ -8,7 +8,9 @@ MERGE_RULES = ("probability", "order")   # how a voxel claimed by several organs
 
 @dataclass(frozen=True)
 class PropagateOptions:
-    """threshold: mask threshold on the decoded [0, 1] map (resolved: never None); batch_size: query
+    """The defaults are the app's (lib.configs.app_config takes them from here).
+
+    threshold: mask threshold on the decoded [0, 1] map (resolved: never None); batch_size: query
     slices (or support/query pairs) per forward pass; merge: MERGE_RULES; chain: walk slice by slice
     from the annotation; gate: intensity gate (lib.transforms.postprocess); largest: keep each organ's
     largest 3D connected component."""
@@ -18,7 +20,7 @@ class PropagateOptions:
     merge: str = "probability"
     chain: bool = True
     gate: bool = True
-    largest: bool = False
+    largest: bool = True
 
     def __post_init__(self):
         if self.merge not in MERGE_RULES:
