@@ -30,6 +30,7 @@ import torch
 from benchmarks.common import device_name, emit_json, load_average
 
 ROOT = Path(__file__).resolve().parents[1]
+POLL_TIMEOUT_S = 120.0   # a poll unanswered this long counts as this long (the loop was blocked)
 
 
 def _free_port() -> int:
@@ -63,10 +64,16 @@ def round_of(base: str, image: str, clients: int) -> dict:
         latency = _call(f"{base}/infer/sdfsmis?image={image}&output=json", "POST")
         done.append((i, latency, time.perf_counter()))
 
+    def poll(key: str, url: str) -> None:
+        try:
+            polls[key].append(_call(url, timeout=POLL_TIMEOUT_S))
+        except OSError:                  # no answer within the timeout: recorded as the timeout
+            polls[key].append(POLL_TIMEOUT_S)
+
     def poller() -> None:
         while not stop.is_set():
-            polls["info"].append(_call(f"{base}/info/", timeout=120))
-            polls["datastore"].append(_call(f"{base}/datastore/", timeout=120))
+            poll("info", f"{base}/info/")
+            poll("datastore", f"{base}/datastore/")
             time.sleep(0.2)
 
     watch = threading.Thread(target=poller)
