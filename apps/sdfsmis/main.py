@@ -17,8 +17,10 @@ if str(ROOT) not in sys.path:
 os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
 
 from monailabel.interfaces.app import MONAILabelApp  # noqa: E402
+from monailabel.tasks.activelearning.random import Random  # noqa: E402
 from monailabel.interfaces.tasks.infer_v2 import InferType  # noqa: E402
 
+from lib.activelearning import LeastCertain, SliceUncertainty, remember  # noqa: E402
 from lib.configs.app_config import ConfError, parse_conf  # noqa: E402
 from lib.infers.batch import SDFSMISBatchInfer  # noqa: E402
 from lib.configs.model_store import ModelStore  # noqa: E402
@@ -27,6 +29,7 @@ from lib.infers.support import REQUEST_KEY, check_image, resolve_support  # noqa
 from lib.server import workers  # noqa: E402
 from lib.server import install as install_guard  # noqa: E402
 from lib.server.datastore import safe_datastore  # noqa: E402
+from lib.server.validate import is_upload_path  # noqa: E402
 from lib.trainers import graceful_stop  # noqa: E402
 from lib.trainers.sdfsmis import SDFSMISTrain  # noqa: E402
 
@@ -72,6 +75,13 @@ class SDFSMISApp(MONAILabelApp):
     def init_trainers(self):
         return {"sdfsmis": SDFSMISTrain(self.store, self.cfg, self.app_dir)}
 
+    def init_strategies(self):
+        """"Next Sample": the least certain image with its suggested slices; MONAI Label's random one stays."""
+        return {"sdfsmis_uncertain": LeastCertain(self.cfg.label_tag), "random": Random()}
+
+    def init_scoring_methods(self):
+        return {"sdfsmis_uncertainty": SliceUncertainty(self.cfg.label_tag)}
+
     def init_datastore(self):
         return safe_datastore(self.studies, self.cfg.max_voxels) or super().init_datastore()
 
@@ -90,10 +100,17 @@ class SDFSMISApp(MONAILabelApp):
         logger.info(f"SD-FSMIS ready: infer tasks {', '.join(INFER_NAMES)}; {self.store.source.describe()}")
 
     def infer(self, request, datastore=None):
-        """Resolve the support while the image id is still known, then run MONAI Label's infer."""
-        if request.get("model") in INFER_NAMES:
-            datastore = datastore or self.datastore()
-            check_image(request, datastore)
-            request = dict(request)
-            request[REQUEST_KEY] = resolve_support(request, datastore, self.cfg.label_tag).to_request()
-        return super().infer(request, datastore)
+        """Resolve the support while the image id is still known, run MONAI Label's infer, and keep the
+        result's uncertainty and suggested slices in the image's info (lib.activelearning)."""
+        if request.get("model") not in INFER_NAMES:
+            return super().infer(request, datastore)
+        datastore = datastore or self.datastore()
+        check_image(request, datastore)
+        request = dict(request)
+        image_id = request.get("image")
+        request[REQUEST_KEY] = resolve_support(request, datastore, self.cfg.label_tag).to_request()
+        result = super().infer(request, datastore)
+        params = result.get("params") or {}
+        if isinstance(image_id, str) and not is_upload_path(image_id) and "uncertainty" in params:
+            remember(datastore, image_id, params)
+        return result

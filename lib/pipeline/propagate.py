@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from lib.pipeline.confidence import next_slice, slice_confidence
 from lib.pipeline.options import PropagateOptions
 from lib.pipeline.step import Step
 from lib.pipeline.walk import ChainWalk, chain, seeded_chain
@@ -93,7 +94,10 @@ def seed_slice(targets: np.ndarray, z_s: int, n_query: int, n_support: int) -> i
 
 @dataclass
 class PropagationResult:
-    """label: uint8 (H, W, Z); support: organ value -> support slice indices used; copied: z copied as is."""
+    """label: uint8 (H, W, Z); support: organ value -> support slice indices used; copied: z copied as is;
+    confidence: organ value -> float (Z,) per-slice confidence in [0, 1], NaN where the organ is neither
+    predicted nor annotated (lib.pipeline.confidence); next_slice: organ value -> the slice to annotate
+    next (None: nothing left to suggest); uncertainty: the expected fraction of wrong organ voxels."""
 
     label: np.ndarray
     organs: list[int]
@@ -101,6 +105,9 @@ class PropagationResult:
     copied: list[int] = field(default_factory=list)
     forward_passes: int = 0
     seconds: float = 0.0
+    confidence: dict[int, np.ndarray] = field(default_factory=dict)
+    next_slice: dict[int, int | None] = field(default_factory=dict)
+    uncertainty: float = 0.0
 
 
 def propagate(model, image, support_label, options: PropagateOptions, support_image=None,
@@ -137,6 +144,8 @@ def propagate(model, image, support_label, options: PropagateOptions, support_im
     aligner = support_aligner(getattr(model.config, "align_support", "none"))
     step = Step(model, options.threshold, aligner.align if aligner is not None else None, options.batch_size)
     probs = {v: np.zeros(q.shape, dtype=np.float32) for v in organs}     # (Z, H, W) per organ
+    agree = {v: np.full(n_query, np.nan, dtype=np.float32) for v in organs}   # per-step agreement (walk.chain)
+    source = {v: np.full(n_query, -1, dtype=np.int64) for v in organs}       # serving annotated slice, same volume
     result = PropagationResult(np.zeros(query.shape, dtype=np.uint8), organs, copied=copied)
     walks, owners = [], []
     for value in organs:
@@ -146,6 +155,8 @@ def propagate(model, image, support_label, options: PropagateOptions, support_im
         if wanted.size == 0:
             continue
         assign = nearest_slices(query_z, support_z, n_query, None if same else n_support)
+        if same:
+            source[value][query_z], source[value][support_z] = assign, support_z
         for z_s in np.unique(assign):
             targets = query_z[assign == z_s]
             mine = np.intersect1d(targets, wanted)
@@ -168,14 +179,34 @@ def propagate(model, image, support_label, options: PropagateOptions, support_im
                     gated = intensity_gate(q[mine], p > options.threshold, s[z_s][None], mask[z_s][None])
                     p = np.where(gated, p, 0.0)
                 probs[value][mine] = p
-    for (value, targets), (_, p) in zip(owners, chain(step, q, walks) if walks else []):
+    agreements = []
+    for (value, targets), (_, p), a in zip(owners, chain(step, q, walks, agreement=agreements) if walks else [],
+                                          agreements):
         probs[value][targets] = p[targets]
+        agree[value][targets] = a[targets]
     _merge(result.label, probs, wanted, options, lab if same else None)
     if copied:
         result.label[..., copied] = label[..., copied]
+    _confidence(result, probs, agree, source, lab if same else None)
     result.forward_passes = step.forward_passes
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _confidence(result: PropagationResult, probs, agree, source, annotation) -> None:
+    """Per-organ confidence per slice and the slice to annotate next, on the final label map."""
+    final = np.moveaxis(result.label, -1, 0)
+    wrong, total = 0.0, 0
+    for value in result.organs:
+        mask = final == value
+        conf = slice_confidence(probs[value], mask, agree[value], source[value])
+        result.confidence[value] = conf
+        annotated = annotated_slices(annotation == value) if annotation is not None else []
+        result.next_slice[value] = next_slice(conf, mask, annotated)
+        area = mask.reshape(len(mask), -1).sum(axis=1)
+        wrong += float(np.nansum((1.0 - conf) * area))
+        total += int(area.sum())
+    result.uncertainty = wrong / total if total else 0.0
 
 
 def _merge(out: np.ndarray, probs: dict[int, np.ndarray], wanted: np.ndarray, options: PropagateOptions,
