@@ -19,13 +19,14 @@ import time
 import numpy as np
 import torch
 
-import lib.pipeline.propagate as prop
+import importlib
 from lib.evaluation.annotator import load_case, middle_slice, segment, slice_dice, slice_errors
 from lib.evaluation.dataset import EvalDataset
 from lib.evaluation.protocol import DEFAULT_ORGANS
 from lib.pipeline import PropagateOptions
 from lib.pipeline.confidence import certainty, cumulative
 
+prop = importlib.import_module("lib.pipeline.propagate")   # the module (lib.pipeline.propagate is also the function)
 SIGNALS = ("agreement", "cumulative", "certainty", "distance")
 
 

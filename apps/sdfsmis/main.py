@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]   # the repository root, which holds lib/
@@ -40,6 +41,7 @@ INFER_NAMES = ("sdfsmis", "sdfsmis_scribbles", "sdfsmis_seg")
 
 class SDFSMISApp(MONAILabelApp):
     def __init__(self, app_dir, studies, conf):
+        self._scoring_lock = threading.Lock()
         try:
             self.cfg = parse_conf(conf)
             self.store = ModelStore(self.cfg, app_dir)
@@ -98,6 +100,26 @@ class SDFSMISApp(MONAILabelApp):
         if trainer is not None:
             graceful_stop.install(trainer.request_stop)
         logger.info(f"SD-FSMIS ready: infer tasks {', '.join(INFER_NAMES)}; {self.store.source.describe()}")
+
+    def async_scoring(self, method, params=None):
+        """MONAI Label's automatic scoring (start-up, after training and "Next Sample") in a thread of this
+        process, one run at a time: the scoring reads image info and reads no network, and a subprocess
+        would write the datastore file back from a copy older than the infer results recorded meanwhile."""
+        methods = [method] if method else list(self._scoring_methods)
+        if not methods or not self._scoring_lock.acquire(blocking=False):
+            return {}
+
+        def run():
+            try:
+                for m in methods:
+                    self.scoring({"method": m, **((params or {}).get(m) or {})})
+            except Exception as err:  # noqa: BLE001 - a failed hint must not take the server down
+                logger.warning(f"scoring failed: {type(err).__name__}: {err}")
+            finally:
+                self._scoring_lock.release()
+
+        threading.Thread(target=run, name="sdfsmis-scoring", daemon=True).start()
+        return {m: "started" for m in methods}
 
     def infer(self, request, datastore=None):
         """Resolve the support while the image id is still known, run MONAI Label's infer, and keep the

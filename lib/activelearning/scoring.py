@@ -12,6 +12,7 @@ import os
 import time
 
 import numpy as np
+from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 
 from lib.activelearning.records import RESULT_KEY, SCORE_KEY
@@ -53,6 +54,9 @@ class SliceUncertainty(ScoringMethod):
 
     def __call__(self, request, datastore):
         tag = request.get("label_tag") or self.label_tag
+        local = isinstance(datastore, LocalDatastore)
+        if local and hasattr(datastore, "_init_from_datastore_file"):
+            datastore._init_from_datastore_file()   # a scoring subprocess: the results recorded since it started
         images = datastore.list_images()
         labelled = set(datastore.get_labeled_images(tag))
         hists = {}
@@ -60,7 +64,7 @@ class SliceUncertainty(ScoringMethod):
             info = datastore.get_image_info(image_id)
             hist = info.get(HIST_KEY)
             if hist is None:
-                uri = datastore.get_image_uri(image_id)
+                uri = datastore.get_image_uri(image_id) if local else None   # DICOMweb: no download for a hint
                 hist = histogram(uri) if uri and os.path.isfile(uri) else None
                 if hist is not None:
                     datastore.update_image_info(image_id, {HIST_KEY: hist})
