@@ -57,9 +57,9 @@ def annotation(case: Case, chosen: dict[int, list[int]]) -> np.ndarray:
     return out
 
 
-def segment(model, options, case: Case, chosen: dict[int, list[int]]):
-    """-> the app's PropagationResult for the annotation `chosen`."""
-    return propagate(model, case.image, annotation(case, chosen), options, normalized=True)
+def segment(model, options, case: Case, chosen: dict[int, list[int]], cache: dict | None = None):
+    """-> the app's PropagationResult for the annotation `chosen` (cache: propagate's walks_cache)."""
+    return propagate(model, case.image, annotation(case, chosen), options, normalized=True, walks_cache=cache)
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:

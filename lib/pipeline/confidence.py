@@ -48,10 +48,10 @@ def slice_confidence(probs: np.ndarray, mask: np.ndarray, agreement: np.ndarray 
     predicted nor annotated. probs / mask (Z, H, W); agreement (Z,) or None; source (Z,) as `cumulative`."""
     mask = np.asarray(mask, dtype=bool)
     present = mask.reshape(len(mask), -1).any(axis=1)
+    conf = certainty(probs, mask)
     if agreement is not None and np.isfinite(agreement).any():
-        conf = cumulative(agreement, source)
-    else:
-        conf = certainty(probs, mask)
+        walked = cumulative(agreement, source)
+        conf = np.where(np.isfinite(walked), walked, conf)   # slices no walk of its own reached: certainty
     conf = np.where(np.asarray(source) == np.arange(len(mask)), 1.0, conf)   # annotated slices
     return np.where(present, np.clip(conf, 0.0, 1.0), np.nan)
 

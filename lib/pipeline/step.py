@@ -95,16 +95,16 @@ class Step:
             self.forward_passes += 1
             ok = (small > self.threshold).flatten(1).sum(dim=1) >= keep_pixels
             probs = resize_slices(small, (h, w))[:, 0].numpy()
-            if self.edit or supports:
+            if self.edit or seen is not None:
                 on_query = resize_slices(s_full, (h, w))[:, 0].numpy() > 0.5
             if self.edit:
                 prior = resize_slices(self.model.decode_prior(cache).float().cpu(), (h, w))[:, 0].numpy()
                 probs = apply_prior_edits(probs, prior, on_query, self.threshold)
-            if supports:
+            if seen is not None:
                 seen[list(idx)] = on_query
             out[list(idx)] = np.where(ok.numpy()[:, None, None], probs, 0.0)
             kept[list(idx)] = ok.numpy()
-        return (out, kept, seen) if supports else (out, kept)
+        return (out, kept) if seen is None else (out, kept, seen)
 
     @torch.inference_mode()
     def shared(self, queries, image, mask) -> np.ndarray:
