@@ -13,13 +13,13 @@ agreement Dice, against the whole propagation.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import time
 
 import numpy as np
 import torch
 
-import importlib
 from lib.evaluation.annotator import load_case, middle_slice, segment, slice_dice, slice_errors
 from lib.evaluation.dataset import EvalDataset
 from lib.evaluation.protocol import DEFAULT_ORGANS
