@@ -218,6 +218,8 @@ def _bridge(step: Step, q: np.ndarray, lab: np.ndarray, probs, agree, source, ga
         mask = lab == value
         support_z = annotated_slices(mask)
         for a, b in zip(support_z[:-1], support_z[1:]):
+            if b - a < 2:
+                continue
             inner = np.arange(a + 1, b)
             empty = inner[~(p[inner] > step.threshold).reshape(len(inner), -1).any(axis=1)]
             for near, far in ((a, b), (b, a)):
