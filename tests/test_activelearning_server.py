@@ -94,6 +94,7 @@ def test_next_sample_picks_the_never_segmented_then_the_least_certain(client, sd
     assert status == 200 and pick["id"] in known
 
 
-def test_unknown_strategy_and_scoring_method_answer_404(sdfsmis_server):
+def test_unknown_strategy_or_scoring_method_404_and_a_path_as_label_tag_400(sdfsmis_server):
     assert _post(f"{sdfsmis_server['url']}/activelearning/nope")[0] == 404
     assert _post(f"{sdfsmis_server['url']}/scoring/nope")[0] == 404
+    assert _post(f"{sdfsmis_server['url']}/activelearning/{STRATEGY}", {"label_tag": "../x"})[0] == 400

@@ -244,7 +244,7 @@ def _confidence(result: PropagationResult, probs, agree, source, annotation) -> 
         conf = slice_confidence(probs[value], mask, agree[value], source[value])
         result.confidence[value] = conf
         annotated = annotated_slices(annotation == value) if annotation is not None else []
-        result.next_slice[value] = next_slice(conf, mask, annotated)
+        result.next_slice[value] = next_slice(conf, mask, annotated, source[value] if annotation is not None else None)
         area = mask.reshape(len(mask), -1).sum(axis=1)
         wrong += float(np.nansum((1.0 - conf) * area))
         total += int(area.sum())
