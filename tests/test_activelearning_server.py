@@ -65,6 +65,8 @@ def test_infer_result_has_per_slice_confidence_and_the_slice_to_annotate_next(cl
         assert all(conf[z] == 1.0 for z in annotated if conf[z] is not None)
         nxt = params["next_slice"][organ]
         assert nxt is None or (0 <= nxt < SHAPE[-1] and nxt not in annotated and conf[nxt] is not None)
+        ranked = params["next_slices"][organ]
+        assert ranked[:1] == ([nxt] if nxt is not None else []) and len(ranked) <= 3
     assert 0.0 <= params["uncertainty"] <= 1.0
     assert _info(client, "phantom_1")[RESULT_KEY]["uncertainty"] == params["uncertainty"]
 

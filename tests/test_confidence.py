@@ -5,7 +5,7 @@ import numpy as np
 
 from lib.pipeline import PropagateOptions
 from lib.pipeline import propagate as run_propagate
-from lib.pipeline.confidence import certainty, cumulative, next_slice, slice_confidence
+from lib.pipeline.confidence import certainty, cumulative, next_slice, next_slices, slice_confidence
 from tests.test_pipeline import StubModel
 
 
@@ -31,6 +31,17 @@ def test_certainty_and_next_slice_skip_annotated_and_absent_slices():
     assert np.isnan(c[0]) and np.isnan(c[3]) and np.isclose(c[1], 0.2) and c[2] == 1.0
     conf = slice_confidence(probs, mask, None, np.array([-1, -1, -1, -1]))
     assert next_slice(conf, mask, []) == 1 and next_slice(conf, mask, [1]) is None   # slice 2 is certain
+
+
+def test_next_slices_rank_by_expected_wrong_voxels_and_skip_slices_where_the_organ_shrank():
+    area = np.array([0, 60, 100, 60, 10, 30])               # annotated slice 2; slices 4, 5 shrank below half
+    mask = np.zeros((6, 20, 20), bool)
+    for z, a in enumerate(area):
+        mask[z].flat[:a] = True
+    conf = np.array([np.nan, 0.5, 1.0, 0.9, 0.0, 0.2])
+    source = np.array([2, 2, 2, 2, 2, 2])
+    assert next_slices(conf, mask, [2], source) == [1, 3]    # 30 and 6 expected wrong voxels; 4 and 5 too small
+    assert next_slices(conf, mask, [2], None, presence=0.0) == [1, 5, 4]
 
 
 def _drifting_case(z_n=12):

@@ -5,8 +5,9 @@
 On each volume (lib.evaluation.annotator: cut to the organs' slices, all organs in one request, each
 scored over its extent) the annotation starts from the middle slice of every organ, then grows to
 `--max-slices` slices per organ by three policies:
-- suggested: the truth of the slice the app names (`next_slice` of the result, lib.pipeline.confidence);
-  a suggestion off the organ cannot be drawn and is counted as a miss (the organ gets no slice that round);
+- suggested: the truth of the slice the app names (`next_slices` of the result, lib.pipeline.confidence:
+  up to 3, best first); a suggestion without the organ cannot be drawn: the annotator takes the next
+  one, and each skipped suggestion is a miss (none drawable: the organ gets no slice that round);
 - even:      k slices at the centres of k equal parts of the organ's extent (k = 1: the middle slice);
 - hindsight: the slice with the most wrong voxels of the last result (an upper bound for a one-slice pick).
 Writes results.json, results.md (Dice after 1, 2, 3, 5 slices; slices needed for 90 and 95 mean Dice)
@@ -53,15 +54,15 @@ def run_volume(model, options, case, max_slices: int, policies=POLICIES) -> dict
                     chosen[lid] = even_slices(case.extent[lid], k)
                     continue
                 if policy == "suggested":
-                    z = result.next_slice.get(lid)
+                    ranked = result.next_slices.get(lid, [])
                 else:
                     err = slice_errors(case, result.label, lid)
                     err[chosen[lid]] = -1
-                    z = int(np.argmax(err)) if err.max() > 0 else None
-                if z is not None and (case.truth[..., z] == lid).any() and z not in chosen[lid]:
-                    chosen[lid] = sorted(chosen[lid] + [z])
-                else:
-                    misses += z is not None
+                    ranked = [int(np.argmax(err))] if err.max() > 0 else []
+                drawable = [z for z in ranked if (case.truth[..., z] == lid).any() and z not in chosen[lid]]
+                misses += ranked.index(drawable[0]) if drawable else len(ranked)
+                if drawable:
+                    chosen[lid] = sorted(chosen[lid] + [drawable[0]])
             result = segment(model, options, case, chosen, None if policy == "even" else cache)
             dice.append([organ_dice(case, result.label, lid) for lid in organs])
         out[policy] = {"dice": dice, "misses": misses, "seconds": round(time.perf_counter() - t0, 1),
@@ -95,7 +96,7 @@ def write_report(out: Path, meta: dict, table: dict, max_slices: int) -> None:
         need = row["slices_needed"]
         lines.append(f"| {policy} | " + " | ".join(f"{row['mean_dice'][k - 1]:.2f}" for k in ks)
                      + f" | {need['90'] or f'>{max_slices}'} | {need['95'] or f'>{max_slices}'} | {row['misses']} |")
-    lines += ["", "misses: suggestions that fell on a slice without the organ (nothing to draw there).", "",
+    lines += ["", "misses: suggestions skipped because the slice does not show the organ (nothing to draw there).", "",
               f"Command: `{meta['command']}`", ""]
     (out / "results.md").write_text("\n".join(lines))
     _plot(out / "dice_vs_slices.png", table, max_slices, meta["dataset"])

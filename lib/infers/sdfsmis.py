@@ -111,6 +111,7 @@ class SDFSMISInfer(InferTask):
             "confidence": {str(k): [None if not np.isfinite(c) else round(float(c), 3) for c in v]
                            for k, v in result.confidence.items()},
             "next_slice": {str(k): v for k, v in result.next_slice.items()},
+            "next_slices": {str(k): v for k, v in result.next_slices.items()},
             "uncertainty": round(result.uncertainty, 4),
             "threshold": run.threshold,
             "merge": run.merge,

@@ -56,21 +56,27 @@ def slice_confidence(probs: np.ndarray, mask: np.ndarray, agreement: np.ndarray 
     return np.where(present, np.clip(conf, 0.0, 1.0), np.nan)
 
 
-def next_slice(confidence: np.ndarray, mask: np.ndarray, annotated, source: np.ndarray | None = None,
-               presence: float = 0.5) -> int | None:
-    """The slice to annotate next for one organ: the most expected wrong voxels, (1 - confidence) x
-    predicted area, among the predicted slices not annotated yet whose area is at least `presence` x
-    the area of the annotated slice serving them (`source` (Z,); None or -1: the largest predicted
-    area): a slice can only be annotated where the organ is, and chained walks run on past organ ends
-    with shrinking masks. None when there is no such slice. confidence (Z,), mask bool (Z, H, W)."""
+def next_slices(confidence: np.ndarray, mask: np.ndarray, annotated, source: np.ndarray | None = None,
+                presence: float = 0.5, k: int = 3) -> list[int]:
+    """Up to k slices to annotate next for one organ, best first: the most expected wrong voxels,
+    (1 - confidence) x predicted area, among the predicted slices not annotated yet whose area is at
+    least `presence` x the area of the annotated slice serving them (`source` (Z,); None or -1: the
+    largest predicted area): a slice can only be annotated where the organ is, and chained walks run on
+    past organ ends. The later ones are for a first slice that turns out not to show the organ.
+    confidence (Z,), mask bool (Z, H, W)."""
     area = np.asarray(mask, dtype=bool).reshape(len(mask), -1).sum(axis=1).astype(np.float64)
     if area.size == 0 or area.max() == 0:
-        return None
+        return []
     src = np.full(len(area), -1) if source is None else np.asarray(source)
     ref = np.where(src >= 0, area[np.clip(src, 0, None)], area.max())
     score = np.where(np.isfinite(confidence), 1.0 - np.nan_to_num(confidence, nan=1.0), 0.0) * area
     score[area < presence * ref] = -1.0
     score[np.asarray(list(annotated), dtype=np.int64)] = -1.0
-    if score.max() <= 0:
-        return None
-    return int(np.argmax(score))
+    order = np.argsort(-score, kind="stable")
+    return [int(z) for z in order[:k] if score[z] > 0]
+
+
+def next_slice(confidence, mask, annotated, source=None, presence: float = 0.5) -> int | None:
+    """The best of `next_slices`, or None."""
+    best = next_slices(confidence, mask, annotated, source, presence, k=1)
+    return best[0] if best else None

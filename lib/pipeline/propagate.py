@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from lib.pipeline.confidence import next_slice, slice_confidence
+from lib.pipeline.confidence import next_slices, slice_confidence
 from lib.pipeline.options import PropagateOptions
 from lib.pipeline.step import Step
 from lib.pipeline.walk import ChainWalk, chain, seeded_chain
@@ -97,7 +97,7 @@ class PropagationResult:
     """label: uint8 (H, W, Z); support: organ value -> support slice indices used; copied: z copied as is;
     confidence: organ value -> float (Z,) per-slice confidence in [0, 1], NaN where the organ is neither
     predicted nor annotated (lib.pipeline.confidence); next_slice: organ value -> the slice to annotate
-    next (None: nothing left to suggest); uncertainty: the expected fraction of wrong organ voxels."""
+    next (None: nothing left to suggest), next_slices: up to 3, best first; uncertainty: the expected fraction of wrong organ voxels."""
 
     label: np.ndarray
     organs: list[int]
@@ -107,6 +107,7 @@ class PropagationResult:
     seconds: float = 0.0
     confidence: dict[int, np.ndarray] = field(default_factory=dict)
     next_slice: dict[int, int | None] = field(default_factory=dict)
+    next_slices: dict[int, list[int]] = field(default_factory=dict)
     uncertainty: float = 0.0
 
 
@@ -244,7 +245,9 @@ def _confidence(result: PropagationResult, probs, agree, source, annotation) -> 
         conf = slice_confidence(probs[value], mask, agree[value], source[value])
         result.confidence[value] = conf
         annotated = annotated_slices(annotation == value) if annotation is not None else []
-        result.next_slice[value] = next_slice(conf, mask, annotated, source[value] if annotation is not None else None)
+        ranked = next_slices(conf, mask, annotated, source[value] if annotation is not None else None)
+        result.next_slices[value] = ranked
+        result.next_slice[value] = ranked[0] if ranked else None
         area = mask.reshape(len(mask), -1).sum(axis=1)
         wrong += float(np.nansum((1.0 - conf) * area))
         total += int(area.sum())
