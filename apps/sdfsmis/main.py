@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]   # the repository root, which holds lib/
@@ -17,8 +18,10 @@ if str(ROOT) not in sys.path:
 os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
 
 from monailabel.interfaces.app import MONAILabelApp  # noqa: E402
+from monailabel.tasks.activelearning.random import Random  # noqa: E402
 from monailabel.interfaces.tasks.infer_v2 import InferType  # noqa: E402
 
+from lib.activelearning import LeastCertain, SliceUncertainty, remember  # noqa: E402
 from lib.configs.app_config import ConfError, parse_conf  # noqa: E402
 from lib.infers.batch import SDFSMISBatchInfer  # noqa: E402
 from lib.configs.model_store import ModelStore  # noqa: E402
@@ -27,6 +30,7 @@ from lib.infers.support import REQUEST_KEY, check_image, resolve_support  # noqa
 from lib.server import workers  # noqa: E402
 from lib.server import install as install_guard  # noqa: E402
 from lib.server.datastore import safe_datastore  # noqa: E402
+from lib.server.validate import is_upload_path  # noqa: E402
 from lib.trainers import graceful_stop  # noqa: E402
 from lib.trainers.sdfsmis import SDFSMISTrain  # noqa: E402
 
@@ -37,6 +41,7 @@ INFER_NAMES = ("sdfsmis", "sdfsmis_scribbles", "sdfsmis_seg")
 
 class SDFSMISApp(MONAILabelApp):
     def __init__(self, app_dir, studies, conf):
+        self._scoring_lock = threading.Lock()
         try:
             self.cfg = parse_conf(conf)
             self.store = ModelStore(self.cfg, app_dir)
@@ -72,6 +77,13 @@ class SDFSMISApp(MONAILabelApp):
     def init_trainers(self):
         return {"sdfsmis": SDFSMISTrain(self.store, self.cfg, self.app_dir)}
 
+    def init_strategies(self):
+        """"Next Sample": the least certain image with its suggested slices; MONAI Label's random one stays."""
+        return {"sdfsmis_uncertain": LeastCertain(self.cfg.label_tag), "random": Random()}
+
+    def init_scoring_methods(self):
+        return {"sdfsmis_uncertainty": SliceUncertainty(self.cfg.label_tag)}
+
     def init_datastore(self):
         return safe_datastore(self.studies, self.cfg.max_voxels) or super().init_datastore()
 
@@ -89,11 +101,38 @@ class SDFSMISApp(MONAILabelApp):
             graceful_stop.install(trainer.request_stop)
         logger.info(f"SD-FSMIS ready: infer tasks {', '.join(INFER_NAMES)}; {self.store.source.describe()}")
 
+    def async_scoring(self, method, params=None):
+        """MONAI Label's automatic scoring (start-up, after training and "Next Sample") in a thread of this
+        process, one run at a time: the scoring reads image info and reads no network, and a subprocess
+        would write the datastore file back from a copy older than the infer results recorded meanwhile."""
+        methods = [method] if method else list(self._scoring_methods)
+        if not methods or not self._scoring_lock.acquire(blocking=False):
+            return {}
+
+        def run():
+            try:
+                for m in methods:
+                    self.scoring({"method": m, **((params or {}).get(m) or {})})
+            except Exception as err:  # noqa: BLE001 - a failed hint must not take the server down
+                logger.warning(f"scoring failed: {type(err).__name__}: {err}")
+            finally:
+                self._scoring_lock.release()
+
+        threading.Thread(target=run, name="sdfsmis-scoring", daemon=True).start()
+        return {m: "started" for m in methods}
+
     def infer(self, request, datastore=None):
-        """Resolve the support while the image id is still known, then run MONAI Label's infer."""
-        if request.get("model") in INFER_NAMES:
-            datastore = datastore or self.datastore()
-            check_image(request, datastore)
-            request = dict(request)
-            request[REQUEST_KEY] = resolve_support(request, datastore, self.cfg.label_tag).to_request()
-        return super().infer(request, datastore)
+        """Resolve the support while the image id is still known, run MONAI Label's infer, and keep the
+        result's uncertainty and suggested slices in the image's info (lib.activelearning)."""
+        if request.get("model") not in INFER_NAMES:
+            return super().infer(request, datastore)
+        datastore = datastore or self.datastore()
+        check_image(request, datastore)
+        request = dict(request)
+        image_id = request.get("image")
+        request[REQUEST_KEY] = resolve_support(request, datastore, self.cfg.label_tag).to_request()
+        result = super().infer(request, datastore)
+        params = result.get("params") or {}
+        if isinstance(image_id, str) and not is_upload_path(image_id) and "uncertainty" in params:
+            remember(datastore, image_id, params)
+        return result

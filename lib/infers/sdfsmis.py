@@ -108,6 +108,11 @@ class SDFSMISInfer(InferTask):
                         "slices": {str(k): v for k, v in result.support.items()}},
             "organs": result.organs,
             "copied_slices": result.copied,
+            "confidence": {str(k): [None if not np.isfinite(c) else round(float(c), 3) for c in v]
+                           for k, v in result.confidence.items()},
+            "next_slice": {str(k): v for k, v in result.next_slice.items()},
+            "next_slices": {str(k): v for k, v in result.next_slices.items()},
+            "uncertainty": round(result.uncertainty, 4),
             "threshold": run.threshold,
             "merge": run.merge,
             "chain": run.chain,

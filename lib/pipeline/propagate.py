@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from lib.pipeline.confidence import next_slices, slice_confidence
 from lib.pipeline.options import PropagateOptions
 from lib.pipeline.step import Step
 from lib.pipeline.walk import ChainWalk, chain, seeded_chain
@@ -89,7 +90,10 @@ def seed_slice(targets: np.ndarray, z_s: int, n_query: int, n_support: int) -> i
 
 @dataclass
 class PropagationResult:
-    """label: uint8 (H, W, Z); support: organ value -> support slice indices used; copied: z copied as is."""
+    """label: uint8 (H, W, Z); support: organ value -> support slice indices used; copied: z copied as is;
+    confidence: organ value -> float (Z,) per-slice confidence in [0, 1], NaN where the organ is neither
+    predicted nor annotated (lib.pipeline.confidence); next_slice: organ value -> the slice to annotate
+    next (None: nothing left to suggest), next_slices: up to 3, best first; uncertainty: the expected fraction of wrong organ voxels."""
 
     label: np.ndarray
     organs: list[int]
@@ -97,15 +101,19 @@ class PropagationResult:
     copied: list[int] = field(default_factory=list)
     forward_passes: int = 0
     seconds: float = 0.0
+    confidence: dict[int, np.ndarray] = field(default_factory=dict)
+    next_slice: dict[int, int | None] = field(default_factory=dict)
+    next_slices: dict[int, list[int]] = field(default_factory=dict)
+    uncertainty: float = 0.0
 
 
 def propagate(model, image, support_label, options: PropagateOptions, support_image=None,
-              normalized: bool = False, slices=None) -> PropagationResult:
+              normalized: bool = False, slices=None, walks_cache: dict | None = None) -> PropagationResult:
     """Segment every organ of `support_label` in `image` (docs/app.md, "How a result is made").
 
     image: (H, W, Z) query volume. support_label: label map on the support volume (H', W', Z').
     support_image: the support volume; None = `image` itself (inside one volume: the annotated slices
-        are copied into the result unchanged and every other slice is segmented).
+        are kept unchanged in the result, and each organ is segmented on every slice it is not annotated on).
     Each query slice is served, per organ, by the nearest slice annotated with that organ. options.chain:
         inside one volume the walk starts at each annotated slice (all organs walk at once); across
         volumes the query slice at the support slice's relative position is segmented first and the walk
@@ -115,6 +123,10 @@ def propagate(model, image, support_label, options: PropagateOptions, support_im
     slices: the query slice indices wanted (default all); the others stay 0. Chained walks always walk
         their whole range, so a wanted slice gets exactly what a full run gives it.
     normalized: the volumes are already scaled to [0, 1] (else lib.transforms.normalize_volume).
+    walks_cache: a dict kept by the caller for one image, model and options while slices are added to its
+        annotation: a chained walk from an annotated slice is reused when an earlier call walked a range
+        that holds the new one (each direction of a walk depends only on its own slices, so the rows are
+        the same; an added slice only narrows its neighbours' ranges).
     """
     start = time.perf_counter()
     same = support_image is None
@@ -128,11 +140,15 @@ def propagate(model, image, support_label, options: PropagateOptions, support_im
     n_query, n_support = q.shape[0], s.shape[0]
     organs = organ_values(lab)
     copied = annotated_slices(lab).tolist() if same else []
-    query_z = np.setdiff1d(np.arange(n_query), copied)
-    wanted = query_z if slices is None else np.intersect1d(query_z, np.asarray(slices, dtype=np.int64))
+    every = np.arange(n_query)
+    wanted = every if slices is None else np.intersect1d(every, np.asarray(slices, dtype=np.int64))
+    if same and len(organs) == 1:
+        wanted = np.setdiff1d(wanted, copied)
     aligner = support_aligner(getattr(model.config, "align_support", "none"))
     step = Step(model, options.threshold, aligner.align if aligner is not None else None, options.batch_size)
     probs = {v: np.zeros(q.shape, dtype=np.float32) for v in organs}     # (Z, H, W) per organ
+    agree = {v: np.full(n_query, np.nan, dtype=np.float32) for v in organs}   # per-step agreement (walk.chain)
+    source = {v: np.full(n_query, -1, dtype=np.int64) for v in organs}       # serving annotated slice, same volume
     result = PropagationResult(np.zeros(query.shape, dtype=np.uint8), organs, copied=copied)
     walks, owners = [], []
     for value in organs:
@@ -141,7 +157,10 @@ def propagate(model, image, support_label, options: PropagateOptions, support_im
         result.support[value] = support_z.tolist()
         if wanted.size == 0:
             continue
+        query_z = np.setdiff1d(every, support_z) if same else every   # its own annotated slices are kept
         assign = nearest_slices(query_z, support_z, n_query, None if same else n_support)
+        if same:
+            source[value][query_z], source[value][support_z] = assign, support_z
         for z_s in np.unique(assign):
             targets = query_z[assign == z_s]
             mine = np.intersect1d(targets, wanted)
@@ -150,8 +169,13 @@ def propagate(model, image, support_label, options: PropagateOptions, support_im
             if options.chain and same:
                 verify = chain_gate(q, int(z_s), mask[z_s]) if options.gate else None
                 lo, hi = int(min(targets.min(), z_s)), int(max(targets.max(), z_s))
+                key = (value, int(z_s), hash(mask[z_s].tobytes()))
+                hit = walks_cache.get(key) if walks_cache is not None else None
+                if hit is not None and hit[0] <= lo and hi <= hit[1]:
+                    probs[value][targets], agree[value][targets] = hit[2][targets - hit[0]], hit[3][targets - hit[0]]
+                    continue
                 walks.append(ChainWalk(int(z_s), mask[z_s], verify, lo, hi))
-                owners.append((value, targets))
+                owners.append((value, targets, key))
             elif options.chain:
                 lo, hi = int(targets.min()), int(targets.max())
                 seed = seed_slice(targets, int(z_s), n_query, n_support) - lo
@@ -164,14 +188,66 @@ def propagate(model, image, support_label, options: PropagateOptions, support_im
                     gated = intensity_gate(q[mine], p > options.threshold, s[z_s][None], mask[z_s][None])
                     p = np.where(gated, p, 0.0)
                 probs[value][mine] = p
-    for (value, targets), (_, p) in zip(owners, chain(step, q, walks) if walks else []):
+    agreements = []
+    for (value, targets, key), wk, (_, p), a in zip(owners, walks, chain(step, q, walks, agreement=agreements)
+                                                    if walks else [], agreements):
         probs[value][targets] = p[targets]
+        agree[value][targets] = a[targets]
+        if walks_cache is not None:
+            walks_cache[key] = (wk.lo, wk.hi, p[wk.lo:wk.hi + 1].copy(), a[wk.lo:wk.hi + 1].copy())
+    if options.chain and same and walks:
+        _bridge(step, q, lab, probs, agree, source, options.gate)
     _merge(result.label, probs, wanted, options, lab if same else None)
-    if copied:
-        result.label[..., copied] = label[..., copied]
+    if copied:   # annotated pixels kept exactly; an organ not annotated on such a slice is segmented there
+        result.label[..., copied] = np.where(label[..., copied] > 0, label[..., copied], result.label[..., copied])
+    _confidence(result, probs, agree, source, lab if same else None)
     result.forward_passes = step.forward_passes
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _bridge(step: Step, q: np.ndarray, lab: np.ndarray, probs, agree, source, gate: bool) -> None:
+    """Between two slices annotated with an organ the organ is there: a slice its nearer annotated slice's
+    walk left empty (that walk ended early) is walked to from the other annotated slice instead.
+    q, lab (Z, H, W); probs / agree / source per organ as in `propagate`, filled in place."""
+    walks, owners = [], []
+    for value, p in probs.items():
+        mask = lab == value
+        support_z = annotated_slices(mask)
+        for a, b in zip(support_z[:-1], support_z[1:]):
+            if b - a < 2:
+                continue
+            inner = np.arange(a + 1, b)
+            empty = inner[~(p[inner] > step.threshold).reshape(len(inner), -1).any(axis=1)]
+            for near, far in ((a, b), (b, a)):
+                hole = empty[source[value][empty] == near]
+                if hole.size:
+                    lo, hi = (int(hole.min()), int(far)) if far > near else (int(far), int(hole.max()))
+                    verify = chain_gate(q, int(far), mask[far]) if gate else None
+                    walks.append(ChainWalk(int(far), mask[far], verify, lo, hi))
+                    owners.append((value, hole, int(far)))
+    agreements = []
+    for (value, hole, far), (_, p), a in zip(owners, chain(step, q, walks, agreement=agreements) if walks else [],
+                                            agreements):
+        probs[value][hole], agree[value][hole], source[value][hole] = p[hole], a[hole], far
+
+
+def _confidence(result: PropagationResult, probs, agree, source, annotation) -> None:
+    """Per-organ confidence per slice and the slice to annotate next, on the final label map."""
+    final = np.moveaxis(result.label, -1, 0)
+    wrong, total = 0.0, 0
+    for value in result.organs:
+        mask = final == value
+        conf = slice_confidence(probs[value], mask, agree[value], source[value])
+        result.confidence[value] = conf
+        annotated = annotated_slices(annotation == value) if annotation is not None else []
+        ranked = next_slices(conf, mask, annotated, source[value] if annotation is not None else None)
+        result.next_slices[value] = ranked
+        result.next_slice[value] = ranked[0] if ranked else None
+        area = mask.reshape(len(mask), -1).sum(axis=1)
+        wrong += float(np.nansum((1.0 - conf) * area))
+        total += int(area.sum())
+    result.uncertainty = wrong / total if total else 0.0
 
 
 def _merge(out: np.ndarray, probs: dict[int, np.ndarray], wanted: np.ndarray, options: PropagateOptions,

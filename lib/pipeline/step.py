@@ -71,13 +71,16 @@ class Step:
         return (image, mask) if self.align is None else self.align(query, image, mask)
 
     @torch.inference_mode()
-    def pairs(self, queries, images, masks, keep_pixels: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    def pairs(self, queries, images, masks, keep_pixels: int = 0, supports: bool = False):
         """queries (B, H, W) in [0, 1], support images (B, H', W'), masks bool (B, H', W') ->
         (probabilities (B, H, W), kept bool (B,)): a pair is kept when at least `keep_pixels` pixels pass
-        the threshold at network size (0: always); a pair not kept has probability 0."""
+        the threshold at network size (0: always); a pair not kept has probability 0. supports: also
+        return the support masks as the network saw them on the query grid, bool (B, H, W) (registered
+        onto each query for an aligned model: the registration's own estimate of the query mask)."""
         queries = np.asarray(queries, dtype=np.float32)
         b, h, w = queries.shape
         out, kept = np.zeros((b, h, w), dtype=np.float32), np.zeros(b, dtype=bool)
+        seen = np.zeros((b, h, w), dtype=bool) if supports else None
         for start in range(0, b, self.batch_size):
             idx = range(start, min(b, start + self.batch_size))
             supports = [self._support(queries[i], images[i], masks[i]) for i in idx]
@@ -92,13 +95,16 @@ class Step:
             self.forward_passes += 1
             ok = (small > self.threshold).flatten(1).sum(dim=1) >= keep_pixels
             probs = resize_slices(small, (h, w))[:, 0].numpy()
+            if self.edit or seen is not None:
+                on_query = resize_slices(s_full, (h, w))[:, 0].numpy() > 0.5
             if self.edit:
                 prior = resize_slices(self.model.decode_prior(cache).float().cpu(), (h, w))[:, 0].numpy()
-                probs = apply_prior_edits(probs, prior, resize_slices(s_full, (h, w))[:, 0].numpy() > 0.5,
-                                          self.threshold)
+                probs = apply_prior_edits(probs, prior, on_query, self.threshold)
+            if seen is not None:
+                seen[list(idx)] = on_query
             out[list(idx)] = np.where(ok.numpy()[:, None, None], probs, 0.0)
             kept[list(idx)] = ok.numpy()
-        return out, kept
+        return (out, kept) if seen is None else (out, kept, seen)
 
     @torch.inference_mode()
     def shared(self, queries, image, mask) -> np.ndarray:

@@ -48,10 +48,14 @@ class ChainWalk:
     hi: int | None = None
 
 
-def chain(step: Step, slices, walks: list[ChainWalk], min_pixels: int = 1) -> list[tuple[np.ndarray, np.ndarray]]:
+def chain(step: Step, slices, walks: list[ChainWalk], min_pixels: int = 1,
+          agreement: list | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """Several walks over one stack (N, H, W) in [0, 1] at once with the network.
 
     A step whose mask has fewer than `min_pixels` pixels at network size ends that direction.
+    agreement: a list that gets, per walk, float32 (N,): at each reached slice the Dice between the step's
+    result and the support mask the network saw (registered onto the slice for an aligned model), 1 at
+    `start`, NaN where not reached (lib.pipeline.confidence).
     -> per walk (masks bool (N, H, W), probabilities float32 (N, H, W)): row `start` is its mask, rows not
     reached are empty with probability 0; masks == probabilities > threshold (pixels `verify` removed
     have probability 0, pixels it added just above the threshold).
@@ -77,11 +81,15 @@ def chain(step: Step, slices, walks: list[ChainWalk], min_pixels: int = 1) -> li
         probs[i][wk.start] = masks[i][wk.start]
         bounds.append((lo, hi))
         fronts += [(i, d, wk.start) for d in (1, -1) if lo <= wk.start + d <= hi]   # (walk, direction, last z)
+    agree = [np.full(n, np.nan, dtype=np.float32) for _ in walks]
+    for a, wk in zip(agree, walks):
+        a[wk.start] = 1.0
     while fronts:
-        p, kept = step.pairs(vol[[z + d for _, d, z in fronts]], vol[[z for _, _, z in fronts]],
-                             np.stack([masks[i][z] for i, _, z in fronts]), keep_pixels=min_pixels)
+        p, kept, seen = step.pairs(vol[[z + d for _, d, z in fronts]], vol[[z for _, _, z in fronts]],
+                                   np.stack([masks[i][z] for i, _, z in fronts]), keep_pixels=min_pixels,
+                                   supports=True)
         alive = []
-        for (i, d, z), prob, ok in zip(fronts, p, kept):
+        for (i, d, z), prob, ok, sup in zip(fronts, p, kept, seen):
             b = z + d
             if ok:
                 out = prob > step.threshold
@@ -89,9 +97,12 @@ def chain(step: Step, slices, walks: list[ChainWalk], min_pixels: int = 1) -> li
                     out = np.asarray(walks[i].verify(b, out), dtype=bool)
                 probs[i][b] = np.where(out, np.maximum(prob, above), 0.0)
                 masks[i][b] = out
+            agree[i][b] = 2.0 * (masks[i][b] & sup).sum() / max(int(masks[i][b].sum() + sup.sum()), 1)
             if masks[i][b].any() and bounds[i][0] <= b + d <= bounds[i][1]:
                 alive.append((i, d, b))
         fronts = alive
+    if agreement is not None:
+        agreement.extend(agree)
     return list(zip(masks, probs))
 
 

@@ -199,9 +199,13 @@ def check(app, method: str, path: str, query: dict, body) -> None:
             raise ClientError(f"strategy {rest!r} is not available: choose one of {', '.join(sorted(app._strategies))}", 404)
         if body is not None and not isinstance(body, dict):
             raise ClientError("activelearning params must be a JSON object")
+        if isinstance(body, dict) and body.get("label_tag") is not None:
+            plain_name(body["label_tag"], "label_tag")
     elif head == "scoring" and method == "POST" and rest:
         if rest not in app._scoring_methods:
             raise ClientError(f"scoring method {rest!r} is not available", 404)
+        if isinstance(body, dict) and body.get("label_tag") is not None:
+            plain_name(body["label_tag"], "label_tag")
     elif head == "session":
         _session(method, rest, query, form)
     elif head == "proxy" and not _is_dicomweb(app):
