@@ -48,8 +48,18 @@ def _raw_infer(url, model, image, params=None, label=None, file=None):
 
 
 def _snapshot(folder: Path) -> dict:
-    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    """Files and their sizes / times; the datastore file by content, without the active-learning info
+    that every successful infer records (lib.activelearning)."""
+    out = {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+           for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "datastore_v2.json"}
+    for p in folder.rglob("datastore_v2.json"):
+        ds = json.loads(p.read_text())
+        for obj in ds.get("objects", {}).values():
+            info = obj.get("image", {}).get("info", {})
+            for key in [k for k in info if k.startswith("sdfsmis_")]:
+                del info[key]
+        out[str(p.relative_to(folder))] = ds
+    return out
 
 
 def _two_organ_case(shape):

@@ -106,6 +106,8 @@ class SDFSMISApp(MONAILabelApp):
         process, one run at a time: the scoring reads image info and reads no network, and a subprocess
         would write the datastore file back from a copy older than the infer results recorded meanwhile."""
         methods = [method] if method else list(self._scoring_methods)
+        if not self._server_mode:   # a train / batch subprocess: it ends before a thread would; the server scores
+            return {}
         if not methods or not self._scoring_lock.acquire(blocking=False):
             return {}
 
