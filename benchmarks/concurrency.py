@@ -14,7 +14,6 @@ its own (the "before").
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys

@@ -56,6 +56,34 @@ def _kill_tree(proc: subprocess.Popen) -> None:
             pass
 
 
+def launch_server(work: Path, studies: Path, env: dict, *args: str) -> tuple[subprocess.Popen, str, Path]:
+    """Start `monailabel start_server --app apps/sdfsmis` on `studies` (console logging into
+    work/server.log, offline, extra env and server args) and wait for /info/ -> (process, url, log).
+    Fails the test with the log tail when the server exits or is not up in STARTUP_TIMEOUT_S."""
+    port = _free_port()
+    log = work / "server.log"
+    cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(APP), "--studies", str(studies),
+           "--host", "127.0.0.1", "--port", str(port), "-l", str(_console_log_config(work / "logging.json")), *args]
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1", **env), stdout=out,
+                                stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/info/", timeout=10) as r:
+                if r.status == 200:
+                    return proc, url, log
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            _kill_tree(proc)
+            pytest.fail(f"server not up after {STARTUP_TIMEOUT_S} s:\n{log.read_text()[-4000:]}")
+        time.sleep(1.0)
+
+
 @pytest.fixture(scope="module")
 def sdfsmis_server(tmp_path_factory):
     """-> dict(url, studies, train_dir, work, log): a running server; killed after the module."""
@@ -64,29 +92,10 @@ def sdfsmis_server(tmp_path_factory):
     work = tmp_path_factory.mktemp("server")
     studies, train_dir = work / "studies", work / "train"
     write_sample(studies, n=2, shape=SHAPE)
-    port = _free_port()
-    log = work / "server.log"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", SDFSMIS_PSEUDOLABEL_CACHE=str(work / "pseudolabels"))
-    cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(APP), "--studies", str(studies),
-           "--host", "127.0.0.1", "--port", str(port), "-l", str(_console_log_config(work / "logging.json")),
-           "--conf", "preset", "tiny", "--conf", "train_dir", str(train_dir), "--conf", "batch_size", "8"]
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, cwd=str(ROOT), env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    proc, url, log = launch_server(work, studies, {"SDFSMIS_PSEUDOLABEL_CACHE": str(work / "pseudolabels")},
+                                   "--conf", "preset", "tiny", "--conf", "train_dir", str(train_dir),
+                                   "--conf", "batch_size", "8")
     try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-            try:
-                with urllib.request.urlopen(f"{url}/info/", timeout=10) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not up after {STARTUP_TIMEOUT_S} s:\n{log.read_text()[-4000:]}")
-            time.sleep(1.0)
         yield {"url": url, "studies": studies, "train_dir": train_dir, "work": work, "log": log}
     finally:
         _kill_tree(proc)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import collections
 import hashlib
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -26,7 +25,7 @@ import psutil
 import pytest
 import requests
 
-from tests.conftest import APP, ROOT, STARTUP_TIMEOUT_S, _console_log_config, _free_port, _kill_tree
+from tests.conftest import ROOT, _kill_tree, launch_server
 from tests.fuzz_cases import build_cases, write_arena
 
 MEMORY_BUDGET = 600 << 20        # bytes above the idle server's RSS (an unguarded 1000^3 header: +5.7 GB)
@@ -68,30 +67,12 @@ def arena_server(tmp_path_factory):
     threading.Thread(target=orphan.wait, daemon=True).start()          # reap it when the server stops it
     p = psutil.Process(orphan.pid)
     (train_dir / "trainer.lock").write_text(json.dumps({"pid": p.pid, "started": p.create_time()}))
-    port = _free_port()
-    log = work / "server.log"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TMPDIR=str(tmp), SDFSMIS_PSEUDOLABEL_CACHE=str(work / "pl"),
-               MONAI_LABEL_SESSION_PATH=str(work / "sessions"))
-    cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(APP), "--studies",
-           str(arena / "studies"), "--host", "127.0.0.1", "--port", str(port), "-l",
-           str(_console_log_config(work / "logging.json")), "--conf", "preset", "tiny", "--conf", "train_dir",
-           str(train_dir), "--conf", "max_voxels", str(MAX_VOXELS), "--conf", "chain", "false"]
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, cwd=str(ROOT), env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    proc, url, log = launch_server(
+        work, arena / "studies",
+        {"TMPDIR": str(tmp), "SDFSMIS_PSEUDOLABEL_CACHE": str(work / "pl"), "MONAI_LABEL_SESSION_PATH": str(work / "sessions")},
+        "--conf", "preset", "tiny", "--conf", "train_dir", str(train_dir), "--conf", "max_voxels", str(MAX_VOXELS),
+        "--conf", "chain", "false")
     try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-            try:
-                if requests.get(f"{url}/info/", timeout=10).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not up after {STARTUP_TIMEOUT_S} s:\n{log.read_text()[-4000:]}")
-            time.sleep(1.0)
         yield {"url": url, "arena": arena, "files": files, "tmp": tmp, "proc": proc, "log": log,
                "orphan": orphan, "train_dir": train_dir}
     finally:

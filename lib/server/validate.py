@@ -5,9 +5,7 @@ before MONAI Label sees a request, and the infer task runs `check_infer_params` 
 """
 from __future__ import annotations
 
-import math
 import os
-import re
 import tempfile
 
 from fastapi import HTTPException

@@ -13,7 +13,6 @@ import logging
 import os
 import signal
 import time
-from pathlib import Path
 
 from monailabel.interfaces.tasks.train import TrainTask
 
