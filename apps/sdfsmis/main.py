@@ -135,6 +135,8 @@ class SDFSMISApp(MONAILabelApp):
         request[REQUEST_KEY] = resolve_support(request, datastore, self.cfg.label_tag).to_request()
         result = super().infer(request, datastore)
         params = result.get("params") or {}
-        if isinstance(image_id, str) and not is_upload_path(image_id) and "uncertainty" in params:
+        # server only: a batch subprocess writing image info would race the server's own copy of the
+        # datastore file, and the server could write back a copy without the batch's result labels
+        if self._server_mode and isinstance(image_id, str) and not is_upload_path(image_id) and "uncertainty" in params:
             remember(datastore, image_id, params)
         return result
