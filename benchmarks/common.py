@@ -1,10 +1,18 @@
-"""Shared benchmark helpers: model building, device names, peak memory, a synthetic phantom volume."""
+"""Shared benchmark helpers: model building, device names, peak memory, a synthetic phantom volume,
+the app's server on a study folder."""
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import platform
 import re
+import signal
+import socket
+import subprocess
+import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -157,3 +165,44 @@ def apply_device_args(args) -> "torch.device":
     if args.dtype != "fp32" and args.device == "cpu":
         raise SystemExit(f"--dtype {args.dtype} is for --device cuda; the CPU path runs in fp32")
     return torch.device(args.device)
+
+
+@contextlib.contextmanager
+def running_server(studies: Path, log: Path, conf=(), env=None, timeout: float = 300.0, logging_config=None):
+    """`monailabel start_server --app apps/sdfsmis` on `studies` (a free port, output into `log`, extra
+    `--conf` pairs and environment) -> yields (url, process) once /info/ answers; stopped at the end.
+    SystemExit with the log tail when it exits or is not up within `timeout` seconds."""
+    root = Path(__file__).resolve().parents[1]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(root / "apps" / "sdfsmis"),
+           "--studies", str(studies), "--host", "127.0.0.1", "--port", str(port)]
+    if logging_config:
+        cmd += ["-l", str(logging_config)]
+    for key, value in conf:
+        cmd += ["--conf", key, value]
+    url = f"http://127.0.0.1:{port}"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=root, env=dict(os.environ, **(env or {})), stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise SystemExit(f"server exited with {proc.returncode}:\n{Path(log).read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{url}/info/", timeout=5):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"server not up after {timeout:.0f} s; log: {log}") from None
+                time.sleep(1)
+        yield url, proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)

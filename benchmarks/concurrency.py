@@ -14,9 +14,6 @@ its own (the "before").
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -26,18 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import device_name, emit_json, load_average
+from benchmarks.common import device_name, emit_json, load_average, running_server
 
-ROOT = Path(__file__).resolve().parents[1]
 POLL_TIMEOUT_S = 120.0   # a poll unanswered this long counts as this long (the loop was blocked)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _call(url: str, method: str = "GET", timeout: float = 600) -> float:
@@ -104,25 +92,7 @@ def main(argv=None) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="bench-concurrency-"))
     write_sample(work / "studies", n=2)
-    port = _free_port()
-    base = f"http://127.0.0.1:{port}"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(ROOT / "apps" / "sdfsmis"),
-           "--studies", str(work / "studies"), "--host", "127.0.0.1", "--port", str(port)]
-    for key, value in args.conf:
-        cmd += ["--conf", key, value]
-    log = open(work / "server.log", "w")
-    server = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        end = time.time() + 300
-        while True:
-            try:
-                _call(f"{base}/info/", timeout=5)
-                break
-            except OSError:
-                if time.time() > end or server.poll() is not None:
-                    raise SystemExit(f"server did not start; log: {work / 'server.log'}")
-                time.sleep(1)
+    with running_server(work / "studies", work / "server.log", conf=args.conf, env={"OMP_NUM_THREADS": "1"}) as (base, _):
         _call(f"{base}/infer/sdfsmis?image=phantom_1&output=json", "POST")   # warm-up
         print(f"# device: {device_name(torch.device('cpu'))} | load {load_average()} | server conf {dict(args.conf) or 'default'}")
         print("| clients | p50 s | p90 s | max s | arrival order | /info/ p50 s | /info/ max s | /datastore/ max s |")
@@ -135,9 +105,6 @@ def main(argv=None) -> int:
                   f"{r['info_p50_s']:.3f} | {r['info_max_s']:.3f} | {r['datastore_max_s']:.3f} |")
         for r in rows:
             emit_json({"benchmark": "concurrency", "conf": dict(args.conf), **r})
-    finally:
-        os.killpg(server.pid, 15)
-        server.wait(30)
     return 0
 
 

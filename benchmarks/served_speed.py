@@ -18,17 +18,14 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from benchmarks.common import device_name, emit_json, load_average
+from benchmarks.common import device_name, emit_json, load_average, running_server
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "apps" / "sdfsmis"
@@ -166,45 +163,20 @@ def in_process(image_path: Path, label_path: Path, repeats: int) -> dict:
 
 
 # ---- served ----------------------------------------------------------------------------------------
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def served(work: Path, image_id: str, label_path: Path, repeats: int, threads: int, timeout: float) -> dict:
     """Start the server on `work`/studies, time POST /infer/sdfsmis; the server is stopped at the end."""
     import psutil
     from monailabel.client import MONAILabelClient
 
-    port = _free_port()
+    from lib.infers.volume_io import read_image, to_array
+
     logcfg = work / "logging.json"
     logcfg.write_text(json.dumps({"version": 1, "disable_existing_loggers": False,
                                   "handlers": {"console": {"class": "logging.StreamHandler"}},
                                   "root": {"level": "WARNING", "handlers": ["console"]}}))
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
-    cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(APP), "--studies",
-           str(work / "studies"), "--host", "127.0.0.1", "--port", str(port), "-l", str(logcfg),
-           "--conf", "train_dir", str(work / "train")]
-    log = (work / "server.log").open("w")
-    proc = subprocess.Popen(cmd, cwd=str(ROOT), env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise SystemExit(f"server exited with {proc.returncode}:\n{(work / 'server.log').read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{url}/info/", timeout=5):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise SystemExit(f"server not up after {timeout:.0f} s")
-                time.sleep(1)
+    env = {"HF_HUB_OFFLINE": "1", **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    with running_server(work / "studies", work / "server.log", conf=[("train_dir", str(work / "train"))], env=env,
+                        timeout=timeout, logging_config=logcfg) as (url, proc):
         client = MONAILabelClient(url, tmpdir=str(work / "client"))
         server = psutil.Process(proc.pid)
         times, cpus, latencies, path = [], [], [], None
@@ -215,16 +187,7 @@ def served(work: Path, image_id: str, label_path: Path, repeats: int, threads: i
                 times.append(time.perf_counter() - t)
                 cpus.append(sum(server.cpu_times()[:2]) - c)
                 latencies.append(params.get("latencies", {}))
-        from lib.infers.volume_io import read_image, to_array
-
         label = to_array(read_image(path))
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
     best = int(np.argmin(times))
     return {"best_s": times[best], "median_s": statistics.median(times), "times_s": times,
             "best_cpu_s": cpus[best], "median_cpu_s": statistics.median(cpus),
