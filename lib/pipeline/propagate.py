@@ -83,9 +83,9 @@ def nearest_slices(query_z, support_z, n_query: int, n_support: int | None = Non
 
 
 def seed_slice(targets: np.ndarray, z_s: int, n_query: int, n_support: int) -> int:
-    """Across volumes: the query slice (of `targets`) at the support slice's relative position."""
-    rel = np.abs(targets / max(n_query - 1, 1) - z_s / max(n_support - 1, 1))
-    return int(targets[np.argmin(rel)])
+    """Across volumes: the query slice (of `targets`) at the support slice's relative position: the
+    nearest of them to z_s, seen from the support volume."""
+    return int(nearest_slices([z_s], targets, n_support, n_query)[0])
 
 
 @dataclass

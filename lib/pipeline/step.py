@@ -83,14 +83,13 @@ class Step:
         seen = np.zeros((b, h, w), dtype=bool) if supports else None
         for start in range(0, b, self.batch_size):
             idx = range(start, min(b, start + self.batch_size))
-            supports = [self._support(queries[i], images[i], masks[i]) for i in idx]
-            s_full = np.stack([np.asarray(s[1], dtype=np.float32) for s in supports])
-            s_img = resize_slices(np.stack([np.asarray(s[0], dtype=np.float32) for s in supports]), self.size)
+            seen_by = [self._support(queries[i], images[i], masks[i]) for i in idx]   # (image, mask) per query
+            s_full = np.stack([np.asarray(m, dtype=np.float32) for _, m in seen_by])
+            s_img = resize_slices(np.stack([np.asarray(im, dtype=np.float32) for im, _ in seen_by]), self.size)
             s_mask = resize_mask(s_full, self.size).float()
             if not s_mask.flatten(1).any(dim=1).all():
                 raise ValueError("a support mask is empty: every query needs the organ on its support slice")
-            cache = (self.model.encode_support(s_img, s_mask) if len(idx) == 1
-                     else self.model.encode_supports(s_img, s_mask))
+            cache = self.model.encode_supports(s_img, s_mask)          # one 1-shot support per query
             small = self.model.predict(resize_slices(queries[list(idx)], self.size), cache).float().cpu()
             self.forward_passes += 1
             ok = (small > self.threshold).flatten(1).sum(dim=1) >= keep_pixels
