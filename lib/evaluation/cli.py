@@ -96,6 +96,11 @@ def _method_factory(args, dataset_name: str):
     if args.method == "copy":
         method = CopyMethod(gate=args.gate)
         return (lambda fold: method), False
+    if args.method == "prototype":
+        from lib.evaluation.prototype import PrototypeMethod
+
+        method = PrototypeMethod(gate=args.gate, device=args.device)
+        return (lambda fold: method), False
     if args.method == "registration":
         method = RegistrationMethod(threads=args.threads, chain=args.chain, gate=args.gate)
         return (lambda fold: method), False
@@ -198,7 +203,8 @@ def run(args, argv: list[str] | None = None) -> dict:
                        overlay_slices=args.overlay_slices, progress=not args.no_progress)
     outcome["timings"]["prepare_s"] = round(prepare_s, 3)
     label = "SD-FSMIS (server)" if args.server else {"sdfsmis": "SD-FSMIS (this run)", "copy": "copy baseline",
-                                                     "registration": "registration baseline"}[args.method]
+                                                     "registration": "registration baseline",
+                                                     "prototype": "pretrained prototypes (floor)"}[args.method]
     summary = outcome["summary"]
     summary["n_volumes_total"] = len(outcome["records"])
     summary["n_empty_predictions"] = sum(r["empty"] for r in outcome["records"])

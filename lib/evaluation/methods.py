@@ -10,7 +10,7 @@ import numpy as np
 
 from lib.transforms.postprocess import chain_gate, intensity_gate
 
-METHODS = ("sdfsmis", "copy", "registration")
+METHODS = ("sdfsmis", "copy", "registration", "prototype")   # prototype: lib/evaluation/prototype.py
 
 
 def chain_extent(group) -> tuple[int, int]:

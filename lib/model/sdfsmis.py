@@ -15,6 +15,7 @@ from transformers import Dinov2Model
 from lib.model.cache import SupportCache
 from lib.model.config import ALIGNMENTS, SDFSMISConfig
 from lib.model.conv_in import widen_conv_in
+from lib.model.prior import BACKBONES, PriorBranch, extend_conv_in
 from lib.model.qe import downsample_mask, enhance_query, masked_average
 from lib.model.sii import SIIContext, add_sii, sii_parameters
 from lib.model.vtct import VTCT
@@ -61,6 +62,14 @@ class SDFSMIS(nn.Module):
                 raise ValueError("prior_residual needs a query_prior ('mask' or 'image+mask')")
             nn.init.zeros_(unet.conv_out.weight)
             nn.init.zeros_(unet.conv_out.bias)
+        self.prior_net = None
+        if config.prior_backbone not in BACKBONES:
+            raise ValueError(f"prior_backbone {config.prior_backbone!r}: choose one of {' | '.join(BACKBONES)}")
+        if config.prior_backbone != "none":   # + pretrained feature maps (and the query's organ logit)
+            self.prior_net = PriorBranch(config.prior_size, config.latent_size, config.n_tokens,
+                                         unet.config.cross_attention_dim, config.vtct_hidden)
+            self.conv_in_support = extend_conv_in(self.conv_in_support, self.prior_net.support_channels)
+            self.conv_in_query = extend_conv_in(self.conv_in_query, self.prior_net.query_channels)
         unet.conv_in = nn.Identity()                            # each branch applies its own conv first
         unet.register_to_config(in_channels=2 * latent_channels)
         self.sii_blocks = len(add_sii(unet))
@@ -85,6 +94,8 @@ class SDFSMIS(nn.Module):
         self.vae.eval()
         if not self.config.train_encoder:
             self.vtct.encoder.eval()
+        if self.prior_net is not None:
+            self.prior_net.train(mode)
         return self
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
@@ -92,6 +103,8 @@ class SDFSMIS(nn.Module):
         sii = {id(p) for p in sii_parameters(self.unet)}
         new = list(self.conv_in_support.parameters()) + list(self.conv_in_query.parameters())
         new += sii_parameters(self.unet) + list(self.vtct.mlp.parameters()) + list(self.vtct.norm.parameters())
+        if self.prior_net is not None:
+            new += list(self.prior_net.mlp.parameters())
         if self.config.train_encoder:
             new += list(self.vtct.encoder.parameters())
         unet = [p for p in self.unet.parameters() if id(p) not in sii]
@@ -124,12 +137,16 @@ class SDFSMIS(nn.Module):
         masks = masks.to(images.dtype)
         z_img, z_mask = self.encode(images), self.encode(masks)
         prototype = masked_average(z_img.float(), downsample_mask(masks, z_img.shape[-1]), groups)
-        embedding = self.vtct(images, masks, groups)                       # (G, T, D)
+        x, protos, term = torch.cat([z_img, z_mask], dim=1), None, None
+        if self.prior_net is not None:
+            maps, protos, term = self.prior_net.support(images, masks, groups)
+            x = torch.cat([x, maps.to(x.dtype)], dim=1)
+        embedding = self.vtct(images, masks, groups, term)                 # (G, T, D)
         ctx = SIIContext("store")
-        x = self.conv_in_support(torch.cat([z_img, z_mask], dim=1))
+        x = self.conv_in_support(x)
         self._unet(x, embedding.repeat_interleave(k, dim=0), ctx)
         tokens = {i: t.reshape(groups, -1, t.shape[-1]) for i, t in ctx.tokens.items()}
-        return SupportCache(prototype, embedding, tokens, k, self._prior(z_img, z_mask, groups))
+        return SupportCache(prototype, embedding, tokens, k, self._prior(z_img, z_mask, groups), protos)
 
     def _prior(self, z_img: torch.Tensor, z_mask: torch.Tensor, groups: int) -> torch.Tensor | None:
         """Support latents (G*k, C, h, w) -> the query prior (G, n*C, h, w), mean over shots; None for "none"."""
@@ -145,11 +162,18 @@ class SDFSMIS(nn.Module):
         With `config.prior_residual` the UNet output is added to the support-mask latent z_s^M (prior).
         """
         z_q = self.encode(images)
-        x = enhance_query(cache.prototype, z_q, self.config.qe_threshold).to(z_q.dtype)
+        extra, match = None, None
+        if self.prior_net is not None:
+            if cache.prototypes is None:
+                raise ValueError("this model needs the support's pretrained prototypes: encode the support with this model")
+            extra, match = self.prior_net.query(images, cache.prototypes)
+        x = enhance_query(cache.prototype, z_q, self.config.qe_threshold, match).to(z_q.dtype)
         if self.config.query_prior != "none":
             if cache.prior is None:
                 raise ValueError("this model needs the support prior latents: encode the support with this model")
             x = torch.cat([x, cache.prior.to(x.dtype).expand(x.shape[0], -1, -1, -1)], dim=1)
+        if extra is not None:
+            x = torch.cat([x, extra.to(x.dtype)], dim=1)
         x = self.conv_in_query(x)
         emb = cache.embedding
         if emb.shape[0] != x.shape[0]:

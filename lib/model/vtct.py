@@ -52,7 +52,10 @@ class VTCT(nn.Module):
         den = w.reshape(groups, -1).sum(1, keepdim=True)
         return num / den.clamp_min(1e-6)
 
-    def forward(self, images: torch.Tensor, masks: torch.Tensor, groups: int) -> torch.Tensor:
-        """Support images/masks (G*k, 1, H, W) -> text-like embedding (G, n_tokens, out_dim)."""
+    def forward(self, images: torch.Tensor, masks: torch.Tensor, groups: int,
+                extra: torch.Tensor | None = None) -> torch.Tensor:
+        """Support images/masks (G*k, 1, H, W) -> text-like embedding (G, n_tokens, out_dim); `extra`
+        (G, n_tokens, out_dim) is added before the norm (the pretrained prior's term, lib.model.prior)."""
         proto = self.pool(self.patch_tokens(images), masks, groups)
-        return self.norm(self.mlp(proto).view(groups, self.n_tokens, self.out_dim))
+        tokens = self.mlp(proto).view(groups, self.n_tokens, self.out_dim)
+        return self.norm(tokens if extra is None else tokens + extra)

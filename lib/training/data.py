@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from lib.data.cross_volume import CrossVolumeSampler
 from lib.data.episodes import EpisodeSampler
 from lib.data.training_set import collect_images, load_training_volumes
 from lib.model.config import SDFSMISConfig
@@ -33,7 +35,7 @@ class Episodes:
     """The run's episode source; `batch()` draws one training batch."""
 
     images: list
-    sampler: EpisodeSampler
+    sampler: EpisodeSampler | CrossVolumeSampler
     augment: EpisodeAugment
     aligner: SliceAligner | None
     size: int
@@ -58,6 +60,9 @@ def load_episodes(opts: TrainOptions, cfg: SDFSMISConfig, batch_size: int, devic
                                             progress=opts.progress_bar and rank == 0)
     sampler = EpisodeSampler(volumes, seed=seed, labels=labels or None, exclude_labels=opts.exclude_labels,
                              setting2_rule=opts.setting2_rule, merge=opts.merge, vanish=opts.vanish, gap=opts.gap)
+    if opts.cross > 0:
+        sampler = CrossVolumeSampler(sampler, groups=[str(Path(p).parent) for p in images], share=opts.cross,
+                                     seed=seed + 11)
     augment = EpisodeAugment(cfg.image_size, seed=seed + 7, strength=opts.aug_strength)
     aligner = support_aligner(cfg.align_support) if opts.stage == "sdfsmis" else None
     return Episodes(images, sampler, augment, aligner, cfg.image_size, batch_size, device)

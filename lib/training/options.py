@@ -52,7 +52,9 @@ class TrainOptions:
 
     data: list = opt([], "dataset folders (image_K.nii.gz) and/or NIfTI images; labels unused", positional=True)
     out: str = opt("runs/train", "output folder (model/, state/, train_log.jsonl)", required=True)
-    preset: str = opt("mini", "architecture when --init is not given", choices=tuple(PRESETS))
+    preset: str | None = opt(None, "architecture (default: --init's, else mini); with an --init of another "
+                                   "preset its network takes every tensor of the init that fits (warm start, e.g. "
+                                   "mini-lite2 from a mini checkpoint)", choices=tuple(PRESETS))
     init: str | None = opt(None, "checkpoint folder to start from (e.g. a trained VAE stage or the app's model)")
     stage: str = opt("sdfsmis", "'vae' trains a mini/tiny VAE first", choices=STAGES)
     iterations: int | None = opt(None, "planned iterations")
@@ -89,6 +91,9 @@ class TrainOptions:
                              "0 = ADNet/RPT")
     gap: int = opt(1, "largest support-query slice distance of an episode, drawn uniformly from 1..N while the "
                       "supervoxel lasts; 1 = ADNet/RPT's adjacent slices", metavar="N")
+    cross: float = opt(0.0, "share of episodes whose support and query come from two volumes of one dataset, "
+                            "the query mask the query volume's own supervoxels under the support region carried "
+                            "by a 3D affine registration (lib.data.cross_volume); 0 = within-volume only")
     aug_strength: float = opt(1.0, "multiply the geometric augmentation ranges (rotation, shear, translation, "
                                    "scale); 1 = RPT")
     align: str | None = opt(None, "register each episode's support onto its query before the network sees it, and "

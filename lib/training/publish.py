@@ -66,19 +66,46 @@ def build_or_resume(opts: TrainOptions, out: Path, device: torch.device) -> tupl
         init = load_checkpoint(opts.init, device=device, sd_path=opts.sd_path, dino_path=opts.dino_path)
         if opts.stage == "sdfsmis" and read_meta(opts.init).get("extra", {}).get("stage") == "vae":
             return with_vae(opts, init, device), 0, False
+        if opts.preset and opts.preset != init.config.preset:
+            return warm_start(opts, init, device), 0, False
         return init, 0, False
-    if opts.preset not in PRESETS:
-        raise ValueError(f"unknown preset {opts.preset!r}: choose one of {', '.join(PRESETS)}")
-    return build_model(opts.preset, sd_path=opts.sd_path, dino_path=opts.dino_path).to(device), 0, False
+    preset = opts.preset or "mini"
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
+    return build_model(preset, sd_path=opts.sd_path, dino_path=opts.dino_path).to(device), 0, False
+
+
+def warm_start(opts: TrainOptions, trained: SDFSMIS, device: torch.device) -> SDFSMIS:
+    """A fresh `opts.preset` network that takes every tensor of `trained` with its name and shape, and
+    the first input channels of a widened conv (conv_in_* of a preset with more inputs; the rest stay as
+    built: zero for lib.model.prior's). The VAE's scaling factor comes along."""
+    model = build_model(opts.preset, sd_path=opts.sd_path, dino_path=opts.dino_path).to(device)
+    own, taken = model.state_dict(), {}
+    for key, value in trained.state_dict().items():
+        ref = own.get(key)
+        if ref is None or ref.ndim != value.ndim:
+            continue
+        if ref.shape == value.shape:
+            taken[key] = value
+        elif ref.ndim == 4 and ref.shape[0] == value.shape[0] and ref.shape[2:] == value.shape[2:] \
+                and ref.shape[1] > value.shape[1]:
+            taken[key] = torch.cat([value, ref[:, value.shape[1]:]], dim=1)
+    if len(taken) < len([k for k in trained.state_dict()]) // 2:
+        raise ValueError(f"{opts.init} shares too little with the {opts.preset!r} preset to start it")
+    model.load_state_dict(taken, strict=False)
+    factor = trained.config.vae["scaling_factor"]
+    model.vae.register_to_config(scaling_factor=factor)
+    model.config.vae["scaling_factor"] = factor
+    return model
 
 
 def with_vae(opts: TrainOptions, trained: SDFSMIS, device: torch.device) -> SDFSMIS:
     """A fresh `opts.preset` network that takes only the VAE (and its scaling factor) of a VAE-stage run."""
-    model = build_model(opts.preset, sd_path=opts.sd_path, dino_path=opts.dino_path).to(device)
+    model = build_model(opts.preset or "mini", sd_path=opts.sd_path, dino_path=opts.dino_path).to(device)
     vae_cfg = dict(trained.config.vae)
     if {k: v for k, v in vae_cfg.items() if k != "scaling_factor"} != \
             {k: v for k, v in model.config.vae.items() if k != "scaling_factor"}:
-        raise ValueError(f"the VAE of {opts.init} is not the {opts.preset!r} preset's VAE; pass the matching --preset")
+        raise ValueError(f"the VAE of {opts.init} is not the {opts.preset or 'mini'!r} preset's VAE; pass the matching --preset")
     model.vae.load_state_dict(trained.vae.state_dict())
     model.vae.register_to_config(scaling_factor=vae_cfg["scaling_factor"])
     model.config.vae["scaling_factor"] = vae_cfg["scaling_factor"]

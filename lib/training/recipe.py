@@ -52,6 +52,8 @@ RECIPE_FIELDS = tuple(f.name for f in fields(Recipe))
 RECIPES: dict[str, Recipe] = {
     "sd15": Recipe(),                                                     # the paper
     "mini": Recipe(lr_unet=3e-4, lr_new=3e-4, batch_size=4, iterations=2500),   # from scratch, CPU
+    # warm start from the mini checkpoint (lib.training.publish.warm_start): a shorter, gentler fine-tune
+    "mini-lite2": Recipe(lr_unet=1e-4, lr_new=3e-4, batch_size=4, iterations=1500, schedule="cosine"),
     "tiny": Recipe(lr_unet=1e-3, lr_new=1e-3, batch_size=2, iterations=20),     # tests
 }
 
