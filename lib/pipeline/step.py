@@ -36,6 +36,14 @@ def resize_mask(mask, size) -> torch.Tensor:
     return torch.where(empty.view(-1, 1, 1, 1), small > 0, strict)
 
 
+def distinct_rows(x: np.ndarray) -> tuple[list[int], np.ndarray]:
+    """(N, ...) array -> (positions of its D distinct rows, first occurrences in order; index int64 (N,)
+    of each row among them): equal rows are equal bytes."""
+    first: dict[bytes, int] = {}
+    index = np.array([first.setdefault(np.ascontiguousarray(row).tobytes(), len(first)) for row in x], np.int64)
+    return [int(np.flatnonzero(index == d)[0]) for d in range(len(first))], index
+
+
 def apply_prior_edits(probs, prior_probs, prior_masks, threshold: float):
     """The network's changes applied to the full-resolution prior (model config `edit_prior`).
 
@@ -90,7 +98,7 @@ class Step:
             if not s_mask.flatten(1).any(dim=1).all():
                 raise ValueError("a support mask is empty: every query needs the organ on its support slice")
             cache = self.model.encode_supports(s_img, s_mask)          # one 1-shot support per query
-            small = self.model.predict(resize_slices(queries[list(idx)], self.size), cache).float().cpu()
+            small = self._predict(queries[list(idx)], cache)
             self.forward_passes += 1
             ok = (small > self.threshold).flatten(1).sum(dim=1) >= keep_pixels
             probs = resize_slices(small, (h, w))[:, 0].numpy()
@@ -104,6 +112,15 @@ class Step:
             out[list(idx)] = np.where(ok.numpy()[:, None, None], probs, 0.0)
             kept[list(idx)] = ok.numpy()
         return (out, kept) if seen is None else (out, kept, seen)
+
+    def _predict(self, queries: np.ndarray, cache) -> torch.Tensor:
+        """queries (B, H, W), one per support of `cache` -> probabilities (B, 1, S, S) at network size.
+        A slice that several supports segment (organs walking from one slice) is resized and encoded once."""
+        rows, index = distinct_rows(queries)
+        if len(rows) == len(queries):
+            return self.model.predict(resize_slices(queries, self.size), cache).float().cpu()
+        return self.model.predict(resize_slices(queries[rows], self.size), cache,
+                                  index=torch.from_numpy(index)).float().cpu()
 
     @torch.inference_mode()
     def shared(self, queries, image, mask) -> np.ndarray:
