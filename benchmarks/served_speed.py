@@ -93,19 +93,26 @@ def dice(pred: np.ndarray, truth: np.ndarray, organs, z: int) -> dict:
 
 # ---- in process ----------------------------------------------------------------------------------
 class Breakdown:
-    """CPU seconds per part of the pipeline, by wrapping the functions that do the work."""
+    """CPU seconds per part of the pipeline, by wrapping the functions that do the work.
+
+    Registration and warping may run in several threads at once (Step aligns a batch on `workers`
+    threads), each on one ITK thread: they are counted in CPU seconds of their own thread. The
+    network and the gate run in the calling thread with torch's thread pool: process CPU seconds."""
 
     PARTS = {"registration": [("lib.transforms.align", "SliceAligner", "register")],
              "warp": [("lib.transforms.align", "SliceAligner", "_resample")],
              "network": [("lib.model.sdfsmis", "SDFSMIS", name)
                          for name in ("encode_support", "encode_supports", "predict", "decode_prior")],
              "gate": [("lib.transforms.postprocess", None, "intensity_gate")]}
+    THREAD_CLOCK = {"registration", "warp"}
 
     def __init__(self):
         import importlib
+        import threading
 
         self.cpu = dict.fromkeys(self.PARTS, 0.0)
-        self.depth = self.slices = 0
+        self.slices = 0
+        self.local, self.lock = threading.local(), threading.Lock()
         for part, targets in self.PARTS.items():
             for module, cls, name in targets:
                 owner = importlib.import_module(module)
@@ -114,19 +121,22 @@ class Breakdown:
                     setattr(owner, name, self._wrap(part, getattr(owner, name)))
 
     def _wrap(self, part, fn):
+        clock = time.thread_time if part in self.THREAD_CLOCK else time.process_time
+
         def timed(*args, **kwargs):
-            if self.depth:                      # nested call (counted by the outer one)
+            if getattr(self.local, "depth", 0):   # nested call (counted by the outer one)
                 return fn(*args, **kwargs)
-            self.depth += 1
+            self.local.depth = 1
             if fn.__name__ == "predict":           # queries through the network (index: of fewer slices)
                 index = kwargs.get("index")
                 self.slices += len(args[1]) if index is None else len(index)
-            start = time.process_time()
+            start = clock()
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.cpu[part] += time.process_time() - start
-                self.depth -= 1
+                with self.lock:
+                    self.cpu[part] += clock() - start
+                self.local.depth = 0
         return timed
 
     def reset(self):

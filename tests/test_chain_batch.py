@@ -147,3 +147,28 @@ def test_a_query_slice_shared_by_several_supports_is_encoded_once():
         np.testing.assert_allclose(shared[i], alone[0], rtol=0, atol=1e-5)
     step.pairs(vol[[1, 2]], vol[[0, 0]], sup[:2])
     assert calls[-1] == (2, None)                                 # all distinct: the plain call
+
+
+def test_supports_of_a_round_are_aligned_on_several_threads_with_the_same_results():
+    """Step(workers=2) registers the supports of a batch in 2 threads: the walks equal workers=1's."""
+    import threading
+
+    from lib.sample import phantom
+    from lib.transforms.align import SliceAligner
+
+    image, label = phantom((64, 64, 8), seed=3)
+    slices = np.moveaxis(image, -1, 0)
+    walks = [ChainWalk(4, label[..., 4] == v) for v in (1, 4)]        # liver and spleen from one slice
+    aligner, seen = SliceAligner(), {1: set(), 2: set()}
+
+    def run(workers):
+        def align(query, im, mask):
+            seen[workers].add(threading.get_ident())
+            return aligner.align(query, im, mask)
+        return chain(Step(StubModel(size=16), 0.5, align, workers=workers), slices, walks)
+
+    one, two = run(1), run(2)
+    assert len(seen[1]) == 1 and len(seen[2]) >= 2
+    for (ma, pa), (mb, pb) in zip(one, two):
+        assert ma[3].any() and ma[5].any() and np.array_equal(ma, mb) and np.array_equal(pa, pb)
+    assert Step(StubModel(), 0.5).workers == torch.get_num_threads()
