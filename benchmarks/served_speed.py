@@ -16,6 +16,7 @@ Prints the device, the load average, a table and a JSON line. Not a test: nothin
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -105,6 +106,14 @@ class Breakdown:
                          for name in ("encode_support", "encode_supports", "predict", "decode_prior")],
              "gate": [("lib.transforms.postprocess", None, "intensity_gate")]}
     THREAD_CLOCK = {"registration", "warp"}
+    _one: "Breakdown | None" = None
+
+    @classmethod
+    def installed(cls) -> "Breakdown":
+        """The process's one Breakdown (the methods are patched on their classes once)."""
+        if cls._one is None:
+            cls._one = cls()
+        return cls._one
 
     def __init__(self):
         import importlib
@@ -123,6 +132,7 @@ class Breakdown:
     def _wrap(self, part, fn):
         clock = time.thread_time if part in self.THREAD_CLOCK else time.process_time
 
+        @functools.wraps(fn)
         def timed(*args, **kwargs):
             if getattr(self.local, "depth", 0):   # nested call (counted by the outer one)
                 return fn(*args, **kwargs)
@@ -150,7 +160,7 @@ def in_process(image_path: Path, label_path: Path, repeats: int) -> dict:
     from lib.infers.volume_io import read_image, read_volume, to_array, write_label
     from lib.model import load_checkpoint
 
-    breakdown = Breakdown()                # wrap before the model exists: methods are patched on the class
+    breakdown = Breakdown.installed()      # wrap before the model exists: methods are patched on the class
     model = load_checkpoint(APP / "model").eval()
     runs, label = [], None
     for i in range(repeats + 1):           # the first run warms up
