@@ -1,6 +1,6 @@
 """Served speed: a 36-slice volume with two organs annotated on one slice, through the real server.
 
-    python -m benchmarks.served_speed --data ../shared/data/abd-ct --threads 1
+    python -m benchmarks.served_speed --data ../shared/data/abd-ct --threads 1 2
 
 Builds the case (with --data: an Abd-CT volume cropped to --slices slices around its liver and
 spleen, both annotated on one slice; without: the synthetic phantom of lib.sample), then
@@ -8,13 +8,15 @@ spleen, both annotated on one slice; without: the synthetic phantom of lib.sampl
   --repeats runs, with a breakdown in CPU seconds: registration, warping, network, gate, the rest;
 - served: starts `python -m monailabel.main start_server --app apps/sdfsmis` on a free port and times
   `POST /infer/sdfsmis` with the annotation uploaded (one untimed warm-up, then --repeats requests),
-  wall seconds and the server process's CPU seconds.
+  wall seconds and the server process's CPU seconds (`--conf torch_threads` = the thread count).
+Several --threads values time both paths with each in turn, in one run (one server per value).
 Wall seconds follow the load of a shared CPU; CPU seconds (one thread) much less so.
 Prints the device, the load average, a table and a JSON line. Not a test: nothing is asserted.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -92,19 +94,34 @@ def dice(pred: np.ndarray, truth: np.ndarray, organs, z: int) -> dict:
 
 # ---- in process ----------------------------------------------------------------------------------
 class Breakdown:
-    """CPU seconds per part of the pipeline, by wrapping the functions that do the work."""
+    """CPU seconds per part of the pipeline, by wrapping the functions that do the work.
+
+    Registration and warping may run in several threads at once (Step aligns a batch on `workers`
+    threads), each on one ITK thread: they are counted in CPU seconds of their own thread. The
+    network and the gate run in the calling thread with torch's thread pool: process CPU seconds."""
 
     PARTS = {"registration": [("lib.transforms.align", "SliceAligner", "register")],
              "warp": [("lib.transforms.align", "SliceAligner", "_resample")],
              "network": [("lib.model.sdfsmis", "SDFSMIS", name)
                          for name in ("encode_support", "encode_supports", "predict", "decode_prior")],
              "gate": [("lib.transforms.postprocess", None, "intensity_gate")]}
+    THREAD_CLOCK = {"registration", "warp"}
+    _one: "Breakdown | None" = None
+
+    @classmethod
+    def installed(cls) -> "Breakdown":
+        """The process's one Breakdown (the methods are patched on their classes once)."""
+        if cls._one is None:
+            cls._one = cls()
+        return cls._one
 
     def __init__(self):
         import importlib
+        import threading
 
         self.cpu = dict.fromkeys(self.PARTS, 0.0)
-        self.depth = self.slices = 0
+        self.slices = 0
+        self.local, self.lock = threading.local(), threading.Lock()
         for part, targets in self.PARTS.items():
             for module, cls, name in targets:
                 owner = importlib.import_module(module)
@@ -113,18 +130,23 @@ class Breakdown:
                     setattr(owner, name, self._wrap(part, getattr(owner, name)))
 
     def _wrap(self, part, fn):
+        clock = time.thread_time if part in self.THREAD_CLOCK else time.process_time
+
+        @functools.wraps(fn)
         def timed(*args, **kwargs):
-            if self.depth:                      # nested call (counted by the outer one)
+            if getattr(self.local, "depth", 0):   # nested call (counted by the outer one)
                 return fn(*args, **kwargs)
-            self.depth += 1
-            if fn.__name__ == "predict":           # query slices through the network
-                self.slices += len(args[1])
-            start = time.process_time()
+            self.local.depth = 1
+            if fn.__name__ == "predict":           # queries through the network (index: of fewer slices)
+                index = kwargs.get("index")
+                self.slices += len(args[1]) if index is None else len(index)
+            start = clock()
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.cpu[part] += time.process_time() - start
-                self.depth -= 1
+                with self.lock:
+                    self.cpu[part] += clock() - start
+                self.local.depth = 0
         return timed
 
     def reset(self):
@@ -138,7 +160,7 @@ def in_process(image_path: Path, label_path: Path, repeats: int) -> dict:
     from lib.infers.volume_io import read_image, read_volume, to_array, write_label
     from lib.model import load_checkpoint
 
-    breakdown = Breakdown()                # wrap before the model exists: methods are patched on the class
+    breakdown = Breakdown.installed()      # wrap before the model exists: methods are patched on the class
     model = load_checkpoint(APP / "model").eval()
     runs, label = [], None
     for i in range(repeats + 1):           # the first run warms up
@@ -175,7 +197,8 @@ def served(work: Path, image_id: str, label_path: Path, repeats: int, threads: i
                                   "handlers": {"console": {"class": "logging.StreamHandler"}},
                                   "root": {"level": "WARNING", "handlers": ["console"]}}))
     env = {"HF_HUB_OFFLINE": "1", **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
-    with running_server(work / "studies", work / "server.log", conf=[("train_dir", str(work / "train"))], env=env,
+    conf = [("train_dir", str(work / "train")), ("torch_threads", str(threads))]
+    with running_server(work / "studies", work / "server.log", conf=conf, env=env,
                         timeout=timeout, logging_config=logcfg) as (url, proc):
         client = MONAILabelClient(url, tmpdir=str(work / "client"))
         server = psutil.Process(proc.pid)
@@ -199,23 +222,44 @@ def report(rec: dict) -> None:
     print(f"served speed: {rec['case']} {rec['shape'][0]}x{rec['shape'][1]}x{rec['shape'][2]}, organs "
           f"{rec['organs']} annotated on slice {rec['annotated_slice']}; device={rec['device_name']} "
           f"load={rec['load_average']} threads={rec['threads']} repeats={rec['repeats']}")
-    p = rec.get("in_process")
-    if p:
-        c = p["best_cpu"]
-        print(f"  {'path':10s} {'best s':>8s} {'median s':>9s} {'cpu s':>7s}  breakdown (cpu s of the best run)")
-        print(f"  {'in-process':10s} {p['best_s']:8.2f} {p['median_s']:9.2f} {p['best_cpu_s']:7.2f}  "
-              + "  ".join(f"{k} {v:.2f}" for k, v in c.items())
-              + f"  | read {p['read_s']:.2f} s, propagate {p['propagate_s']:.2f} s, write {p['write_s']:.2f} s, "
-              f"{p['steps']} network steps")
-    s = rec.get("served")
-    if s:
-        lat = s["server_latencies"]
-        print(f"  {'served':10s} {s['best_s']:8.2f} {s['median_s']:9.2f} {s['best_cpu_s']:7.2f}  server latencies of the best: "
-              + ", ".join(f"{k} {v}" for k, v in lat.items()))
-    if rec.get("dice"):
-        print("  dice (other slices) " + ", ".join(f"{k}: {v:.4f}" for k, v in rec["dice"].items()))
-    if rec.get("served_equals_in_process") is not None:
-        print(f"  served label == in-process label: {rec['served_equals_in_process']}")
+    print(f"  {'path':10s} {'threads':>7s} {'best s':>8s} {'median s':>9s} {'cpu s':>7s}  breakdown (cpu s of the best run)")
+    for run in rec["runs"]:
+        t, p, s = run["threads"], run.get("in_process"), run.get("served")
+        if p:
+            print(f"  {'in-process':10s} {t:7d} {p['best_s']:8.2f} {p['median_s']:9.2f} {p['best_cpu_s']:7.2f}  "
+                  + "  ".join(f"{k} {v:.2f}" for k, v in p["best_cpu"].items())
+                  + f"  | read {p['read_s']:.2f} s, propagate {p['propagate_s']:.2f} s, write {p['write_s']:.2f} s, "
+                  f"{p['steps']} network steps")
+        if s:
+            print(f"  {'served':10s} {t:7d} {s['best_s']:8.2f} {s['median_s']:9.2f} {s['best_cpu_s']:7.2f}  server latencies "
+                  "of the best: " + ", ".join(f"{k} {v}" for k, v in s["server_latencies"].items()))
+        if run.get("dice"):
+            print(f"  {t} thread(s): dice (other slices) " + ", ".join(f"{k}: {v:.4f}" for k, v in run["dice"].items())
+                  + ("" if run.get("served_equals_in_process") is None
+                     else f"; served label == in-process label: {run['served_equals_in_process']}"))
+
+
+def timed_run(args, threads: int, work: Path, image_path: Path, label_path: Path, truth, organs, z) -> dict:
+    """Both paths with `threads` torch threads (here and in the server) -> the run's record."""
+    torch.set_num_threads(threads)
+    run, labels = {"threads": threads}, {}
+    if not args.skip_in_process:
+        r = in_process(image_path, label_path, args.repeats)
+        b = r["best"]
+        run["in_process"] = {"best_s": b["wall_s"], "median_s": r["median_wall_s"], "best_cpu_s": b["cpu_s"],
+                             "median_cpu_s": r["median_cpu_s"], "best_cpu": b["cpu"], "read_s": b["read_s"],
+                             "propagate_s": b["propagate_s"], "write_s": b["write_s"], "steps": b["steps"]}
+        labels["in_process"] = r["label"]
+    if not args.skip_server:
+        s = served(work, "case", label_path, args.repeats, threads, args.startup_timeout)
+        labels["served"] = s.pop("label")
+        run["served"] = s
+    first = next(iter(labels.values()), None)
+    if first is not None:
+        run["dice"] = dice(first, truth, organs, z)
+    if len(labels) == 2:
+        run["served_equals_in_process"] = bool(np.array_equal(labels["served"], labels["in_process"]))
+    return run
 
 
 def main(argv=None) -> dict:
@@ -224,13 +268,14 @@ def main(argv=None) -> dict:
     p.add_argument("--volume", type=int, default=14, help="abd-ct volume K [14: 86 slices of 5 mm]")
     p.add_argument("--slices", type=int, default=36, help="slices in the volume [36]")
     p.add_argument("--repeats", type=int, default=3, help="timed runs of each path after one warm-up [3]")
-    p.add_argument("--threads", type=int, default=1, help="torch / OpenMP threads, here and in the server [1]")
+    p.add_argument("--threads", type=int, nargs="+", default=[1],
+                   help="torch threads, here and in the server (--conf torch_threads); several: each in turn [1]")
     p.add_argument("--skip-server", action="store_true", help="time the in-process pipeline only")
     p.add_argument("--skip-in-process", action="store_true", help="time the server only")
     p.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for the server [300]")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if min(args.threads) < 1:
+        raise SystemExit("--threads: 1 or more")
     if args.data:
         image, ann, truth, spacing, z, organs = ct_case(args.data, args.volume, args.slices)
         case = f"abd-ct volume {args.volume}"
@@ -239,29 +284,15 @@ def main(argv=None) -> dict:
         case = "phantom"
     rec = {"case": case, "shape": list(image.shape), "organs": organs, "annotated_slice": z,
            "device_name": device_name(torch.device("cpu")), "load_average": load_average(),
-           "threads": args.threads, "repeats": args.repeats}
+           "threads": args.threads, "repeats": args.repeats, "runs": []}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         (work / "studies").mkdir()
         image_path = save(image, spacing, work / "studies" / "case.nii.gz")
         label_path = save(ann, spacing, work / "case_label.nii.gz")
-        labels = {}
-        if not args.skip_in_process:
-            r = in_process(image_path, label_path, args.repeats)
-            b = r["best"]
-            rec["in_process"] = {"best_s": b["wall_s"], "median_s": r["median_wall_s"], "best_cpu_s": b["cpu_s"],
-                                 "median_cpu_s": r["median_cpu_s"], "best_cpu": b["cpu"], "read_s": b["read_s"],
-                                 "propagate_s": b["propagate_s"], "write_s": b["write_s"], "steps": b["steps"]}
-            labels["in_process"] = r["label"]
-        if not args.skip_server:
-            s = served(work, "case", label_path, args.repeats, args.threads, args.startup_timeout)
-            labels["served"] = s.pop("label")
-            rec["served"] = s
-    first = next(iter(labels.values()), None)
-    if first is not None:
-        rec["dice"] = dice(first, truth, organs, z)
-    if len(labels) == 2:
-        rec["served_equals_in_process"] = bool(np.array_equal(labels["served"], labels["in_process"]))
+        for threads in args.threads:
+            rec["runs"].append(timed_run(args, threads, work, image_path, label_path, truth, organs, z))
+            rec["runs"][-1]["load_average_end"] = load_average()
     rec["load_average_end"] = load_average()
     report(rec)
     emit_json(rec)

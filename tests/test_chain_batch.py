@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from lib.pipeline.step import Step
+from lib.pipeline.step import Step, distinct_rows
 from lib.pipeline.walk import ChainWalk, chain
 from tests.test_pipeline import StubModel, chain_segment, propagate
 
@@ -72,6 +72,7 @@ def test_propagate_walks_all_organs_at_once_with_the_per_organ_results():
     stub = StubModel()
     both = propagate(stub, image, ann, chain=True, gate=False, normalized=True)
     assert stub.batches[0] == 4                                      # 2 organs x 2 directions in one batch
+    assert stub.distinct[0] == 2                                     # ... of 2 query slices, each encoded once
     for value in (1, 2):
         alone = propagate(StubModel(), image, np.where(ann == value, ann, 0), chain=True, gate=False,
                           normalized=True)
@@ -101,3 +102,73 @@ def test_encode_supports_keeps_each_support_to_its_own_query():
     assert torch.allclose(model.decode_prior(cache), prior, atol=1e-4)
     pooled = model.predict(queries, model.encode_support(images, masks))   # one 3-shot support
     assert not torch.allclose(batched, pooled, atol=1e-3)
+
+
+def test_distinct_rows_finds_repeated_slices():
+    a, b = np.zeros((4, 4), np.float32), np.eye(4, dtype=np.float32)
+    rows, index = distinct_rows(np.stack([b, a, b, a, np.eye(4, dtype=np.float32)]))
+    assert rows == [0, 1] and index.tolist() == [0, 1, 0, 1, 0]
+    rows, index = distinct_rows(np.stack([a, b]))
+    assert rows == [0, 1] and index.tolist() == [0, 1]
+
+
+def test_a_query_slice_shared_by_several_supports_is_encoded_once():
+    """predict(index=) encodes each distinct query slice once: the result equals the query repeated per
+    support (up to the float rounding of another batch size), and Step.pairs uses it for repeated slices."""
+    from lib.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model("tiny").eval()
+    s = model.config.image_size
+    g = torch.Generator().manual_seed(1)
+    images, queries = torch.rand(4, 1, s, s, generator=g), torch.rand(2, 1, s, s, generator=g)
+    masks = torch.zeros(4, 1, s, s)
+    for i, (y, x) in enumerate([(4, 4), (10, 14), (16, 6), (30, 30)]):
+        masks[i, 0, y:y + 10, x:x + 10] = 1
+    cache = model.encode_supports(images, masks)
+    index = torch.tensor([0, 1, 0, 1])
+    torch.testing.assert_close(model.predict(queries, cache, index=index), model.predict(queries[index], cache),
+                               rtol=0, atol=1e-6)
+
+    calls = []
+    predict = model.predict
+    model.predict = lambda q, c, index=None: calls.append((q.shape[0], index)) or predict(q, c, index=index)
+    step = Step(model, 0.5)
+    h = 40                                                        # slices of another size than the network's
+    vol = np.random.default_rng(3).random((3, h, h)).astype(np.float32)
+    sup = np.zeros((4, h, h), bool)
+    for i, (y, x) in enumerate([(4, 4), (12, 16), (20, 6), (26, 26)]):
+        sup[i, y:y + 10, x:x + 10] = True
+    q = vol[[1, 2, 1, 2]]
+    shared, _ = step.pairs(q, vol[[0, 0, 0, 0]], sup)
+    assert calls[-1][0] == 2 and calls[-1][1].tolist() == [0, 1, 0, 1]   # 2 slices, 4 supports
+    for i in range(4):                                            # each pair alone: its own query slice
+        alone, _ = Step(model, 0.5).pairs(q[i:i + 1], vol[:1], sup[i:i + 1])
+        np.testing.assert_allclose(shared[i], alone[0], rtol=0, atol=1e-5)
+    step.pairs(vol[[1, 2]], vol[[0, 0]], sup[:2])
+    assert calls[-1] == (2, None)                                 # all distinct: the plain call
+
+
+def test_supports_of_a_round_are_aligned_on_several_threads_with_the_same_results():
+    """Step(workers=2) registers the supports of a batch in 2 threads: the walks equal workers=1's."""
+    import threading
+
+    from lib.sample import phantom
+    from lib.transforms.align import SliceAligner
+
+    image, label = phantom((64, 64, 8), seed=3)
+    slices = np.moveaxis(image, -1, 0)
+    walks = [ChainWalk(4, label[..., 4] == v) for v in (1, 4)]        # liver and spleen from one slice
+    aligner, seen = SliceAligner(), {1: set(), 2: set()}
+
+    def run(workers):
+        def align(query, im, mask):
+            seen[workers].add(threading.get_ident())
+            return aligner.align(query, im, mask)
+        return chain(Step(StubModel(size=16), 0.5, align, workers=workers), slices, walks)
+
+    one, two = run(1), run(2)
+    assert len(seen[1]) == 1 and len(seen[2]) >= 2
+    for (ma, pa), (mb, pb) in zip(one, two):
+        assert ma[3].any() and ma[5].any() and np.array_equal(ma, mb) and np.array_equal(pa, pb)
+    assert Step(StubModel(), 0.5).workers == torch.get_num_threads()

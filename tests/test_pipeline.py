@@ -21,7 +21,7 @@ class StubModel:
     def __init__(self, size=16, constant=None):
         self.config = SimpleNamespace(image_size=size, threshold=0.5, align_support="none", edit_prior=False)
         self.constant = constant or []   # per support encoded: a constant probability instead of the mask
-        self.encoded, self.batches = [], []
+        self.encoded, self.batches, self.distinct = [], [], []   # distinct: query slices encoded per batch
 
     def encode_supports(self, images, masks):
         assert images.shape == masks.shape and images.shape[1:] == (1, self.config.image_size, self.config.image_size)
@@ -36,9 +36,11 @@ class StubModel:
         assert images.shape[0] == 1
         return self.encode_supports(images, masks)
 
-    def predict(self, queries, cache):
-        self.batches.append(queries.shape[0])
-        return cache.expand(queries.shape[0], -1, -1, -1).clone() if cache.shape[0] == 1 else cache.clone()
+    def predict(self, queries, cache, index=None):
+        n = queries.shape[0] if index is None else len(index)      # index: queries of fewer distinct slices
+        self.batches.append(n)
+        self.distinct.append(queries.shape[0])
+        return cache.expand(n, -1, -1, -1).clone() if cache.shape[0] == 1 else cache.clone()
 
 
 def propagate(model, image, ann, batch_size=8, merge="probability", chain=False, gate=False, largest=False, **kw):

@@ -166,3 +166,13 @@ def test_prior_model_runs_the_apps_chained_pipeline(prior_model):
     res = propagate(prior_model, image, ann, options)
     assert res.label.shape == ann.shape and np.array_equal(res.label[..., 2], ann[..., 2])
     assert set(np.unique(res.label).tolist()) <= {0, 1, 4}
+
+
+def test_prior_model_shares_query_slices_with_index(prior_model):
+    """predict(index=) (organs walking from one slice) equals the queries given one by one."""
+    s = prior_model.config.image_size
+    img, mask = torch.rand(2, 1, s, s), (torch.rand(3, 1, s, s) > 0.5).float()
+    cache = prior_model.encode_supports(torch.rand(3, 1, s, s), mask)
+    index = torch.tensor([0, 1, 0])
+    shared = prior_model.predict(img, cache, index)
+    torch.testing.assert_close(shared, prior_model.predict(img[index], cache), atol=1e-5, rtol=1e-5)

@@ -17,6 +17,7 @@ if str(ROOT) not in sys.path:
 # MONAI Label finds the dcmqi converters (pip package, DICOM SEG) on PATH: the interpreter's bin folder
 os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
 
+import torch  # noqa: E402
 from monailabel.interfaces.app import MONAILabelApp  # noqa: E402
 from monailabel.tasks.activelearning.random import Random  # noqa: E402
 from monailabel.interfaces.tasks.infer_v2 import InferType  # noqa: E402
@@ -44,6 +45,8 @@ class SDFSMISApp(MONAILabelApp):
         self._scoring_lock = threading.Lock()
         try:
             self.cfg = parse_conf(conf)
+            if self.cfg.torch_threads:   # process-wide; every worker thread's OpenMP pool follows it
+                torch.set_num_threads(self.cfg.torch_threads)
             self.store = ModelStore(self.cfg, app_dir)
         except ConfError as err:
             logger.error(f"SD-FSMIS app cannot start: {err}")

@@ -44,6 +44,7 @@ class AppConfig:
     result_extension: str = ".nii.gz"  # default result file type (a request may override)
     labels: tuple = DEFAULT_LABELS     # (name, value) pairs shown by clients; any non-zero value is segmented
     model_workers: int = 1             # threads serving infers in arrival order; 0 = in the request's coroutine
+    torch_threads: int = 0             # torch CPU threads of the process; 0 = torch's choice (OMP_NUM_THREADS, else per core)
     max_voxels: int = 512 * 512 * 1024  # largest image / label a request may bring (read from the header)
 
     @property
@@ -97,7 +98,7 @@ CONF_FIELDS = {
     "label_tag": (as_name,), "merge": (as_choice, MERGE_RULES), "chain": (as_bool,), "gate": (as_bool,),
     "largest": (as_bool,), "train_dir": (lambda k, v: str(Path(v).expanduser().resolve()),),
     "use_trained": (as_bool,), "result_extension": (as_choice, RESULT_EXTENSIONS), "labels": (_labels,),
-    "model_workers": (as_int, 0, 64), "max_voxels": (as_int, 1000, None),
+    "model_workers": (as_int, 0, 64), "torch_threads": (as_int, 0, 256), "max_voxels": (as_int, 1000, None),
 }
 
 

@@ -77,9 +77,12 @@ class PriorBranch(nn.Module):
         term = self.mlp(protos[:, 0].to(f.dtype)).view(groups, self.tokens, self.dim)
         return f, protos, term
 
-    def query(self, images: torch.Tensor, protos: torch.Tensor):
-        """Queries (B, 1, S, S), prototypes (1 or B, 1 + P, C) -> (UNet inputs [maps, logit / SCALE]
-        (B, C + 1, l, l), organ match bool (B, 1, l, l) for QE)."""
+    def query(self, images: torch.Tensor, protos: torch.Tensor, index: torch.Tensor | None = None):
+        """Queries (B, 1, S, S), prototypes (1 or B', 1 + P, C) -> (UNet inputs [maps, logit / SCALE]
+        (B', C + 1, l, l), organ match bool (B', 1, l, l) for QE); `index` long (B',) picks each query's
+        slice among the B images (SDFSMIS.predict), B' = B without it."""
         f = self.maps(images)
+        if index is not None:
+            f = f[index.to(f.device)]
         logit = foreground_logit(f.float(), protos).to(f.dtype)
         return torch.cat([f, logit / SCALE], dim=1), logit > 0

@@ -156,17 +156,22 @@ class SDFSMIS(nn.Module):
         x = torch.cat(parts, dim=1)
         return x.reshape(groups, -1, *x.shape[1:]).mean(dim=1)
 
-    def query_branch(self, images: torch.Tensor, cache: SupportCache) -> torch.Tensor:
+    def query_branch(self, images: torch.Tensor, cache: SupportCache, index: torch.Tensor | None = None
+                     ) -> torch.Tensor:
         """Query images (B, 1, S, S) + cache of 1 or B supports -> predicted mask latents (B, 4, s, s).
 
+        index: long (B',): the query image of each of B' queries, when several supports segment the same
+        slice (images (B, 1, S, S) are then the B distinct slices, each encoded once; the result is (B', 4, s, s)).
         With `config.prior_residual` the UNet output is added to the support-mask latent z_s^M (prior).
         """
         z_q = self.encode(images)
+        if index is not None:
+            z_q = z_q[index.to(z_q.device)]
         extra, match = None, None
         if self.prior_net is not None:
             if cache.prototypes is None:
                 raise ValueError("this model needs the support's pretrained prototypes: encode the support with this model")
-            extra, match = self.prior_net.query(images, cache.prototypes)
+            extra, match = self.prior_net.query(images, cache.prototypes, index)
         x = enhance_query(cache.prototype, z_q, self.config.qe_threshold, match).to(z_q.dtype)
         if self.config.query_prior != "none":
             if cache.prior is None:
@@ -236,10 +241,15 @@ class SDFSMIS(nn.Module):
             return self.support_branch(images.to(self.device), masks.to(self.device), groups=images.shape[0])
 
     @torch.inference_mode()
-    def predict(self, query_images: torch.Tensor, cache: SupportCache) -> torch.Tensor:
-        """Query images (B, 1, S, S) -> mask probabilities (B, 1, S, S) in [0, 1]."""
+    def predict(self, query_images: torch.Tensor, cache: SupportCache, index: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """Query images (B, 1, S, S) -> mask probabilities (B, 1, S, S) in [0, 1].
+
+        index: long (B',) into the B images, one per query, for B' queries of fewer distinct slices (organs
+        walking from one slice: the query's VAE encoding is the only image-only part of the query branch,
+        computed once per slice) -> (B', 1, S, S); the cache then holds 1 or B' supports."""
         with self._autocast():
-            return self.decode(self.query_branch(query_images.to(self.device), cache)).float()
+            return self.decode(self.query_branch(query_images.to(self.device), cache, index)).float()
 
     @torch.inference_mode()
     def decode_prior(self, cache: SupportCache) -> torch.Tensor:

@@ -7,6 +7,7 @@ walk, cross-volume segmentation, per-slice segmentation, the evaluation.
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import numpy as np
@@ -36,6 +37,14 @@ def resize_mask(mask, size) -> torch.Tensor:
     return torch.where(empty.view(-1, 1, 1, 1), small > 0, strict)
 
 
+def distinct_rows(x: np.ndarray) -> tuple[list[int], np.ndarray]:
+    """(N, ...) array -> (positions of its D distinct rows, first occurrences in order; index int64 (N,)
+    of each row among them): equal rows are equal bytes."""
+    first: dict[bytes, int] = {}
+    index = np.array([first.setdefault(np.ascontiguousarray(row).tobytes(), len(first)) for row in x], np.int64)
+    return [int(np.flatnonzero(index == d)[0]) for d in range(len(first))], index
+
+
 def apply_prior_edits(probs, prior_probs, prior_masks, threshold: float):
     """The network's changes applied to the full-resolution prior (model config `edit_prior`).
 
@@ -53,15 +62,19 @@ class Step:
     for many queries; the support branch runs once unless supports are aligned per query).
 
     threshold: resolved mask threshold; align(query, support image, support mask) -> (image, mask) on
-    the query's grid, or None; batch_size: pairs / queries per forward pass. All probabilities are
-    float32 numpy (N, H, W) on the query grid.
+    the query's grid, or None; batch_size: pairs / queries per forward pass; workers: threads that align
+    the supports of one batch at once (SimpleITK registers outside the GIL; each alignment is the same as
+    alone), None: torch's thread count, the CPU threads the network of the batch uses next. All
+    probabilities are float32 numpy (N, H, W) on the query grid.
     """
 
-    def __init__(self, model, threshold: float, align: Align | None = None, batch_size: int = 8):
+    def __init__(self, model, threshold: float, align: Align | None = None, batch_size: int = 8,
+                 workers: int | None = None):
         self.model = model
         self.threshold = float(threshold)
         self.align = align
         self.batch_size = max(1, int(batch_size))
+        self.workers = max(1, torch.get_num_threads() if workers is None else int(workers))
         self.size = model.config.image_size
         self.edit = bool(getattr(model.config, "edit_prior", False))
         self.forward_passes = 0
@@ -69,6 +82,14 @@ class Step:
     def _support(self, query: np.ndarray, image: np.ndarray, mask: np.ndarray):
         """A support (H', W') for `query` (H, W): aligned onto it, or as given."""
         return (image, mask) if self.align is None else self.align(query, image, mask)
+
+    def _supports(self, queries, images, masks, idx) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The supports of pairs `idx`, aligned on up to `workers` threads (in order)."""
+        one = lambda i: self._support(queries[i], images[i], masks[i])   # noqa: E731
+        if self.align is None or self.workers == 1 or len(idx) == 1:
+            return [one(i) for i in idx]
+        with ThreadPoolExecutor(min(self.workers, len(idx))) as pool:
+            return list(pool.map(one, idx))
 
     @torch.inference_mode()
     def pairs(self, queries, images, masks, keep_pixels: int = 0, supports: bool = False):
@@ -83,14 +104,14 @@ class Step:
         seen = np.zeros((b, h, w), dtype=bool) if supports else None
         for start in range(0, b, self.batch_size):
             idx = range(start, min(b, start + self.batch_size))
-            seen_by = [self._support(queries[i], images[i], masks[i]) for i in idx]   # (image, mask) per query
+            seen_by = self._supports(queries, images, masks, idx)   # (image, mask) per query
             s_full = np.stack([np.asarray(m, dtype=np.float32) for _, m in seen_by])
             s_img = resize_slices(np.stack([np.asarray(im, dtype=np.float32) for im, _ in seen_by]), self.size)
             s_mask = resize_mask(s_full, self.size).float()
             if not s_mask.flatten(1).any(dim=1).all():
                 raise ValueError("a support mask is empty: every query needs the organ on its support slice")
             cache = self.model.encode_supports(s_img, s_mask)          # one 1-shot support per query
-            small = self.model.predict(resize_slices(queries[list(idx)], self.size), cache).float().cpu()
+            small = self._predict(queries[list(idx)], cache)
             self.forward_passes += 1
             ok = (small > self.threshold).flatten(1).sum(dim=1) >= keep_pixels
             probs = resize_slices(small, (h, w))[:, 0].numpy()
@@ -104,6 +125,15 @@ class Step:
             out[list(idx)] = np.where(ok.numpy()[:, None, None], probs, 0.0)
             kept[list(idx)] = ok.numpy()
         return (out, kept) if seen is None else (out, kept, seen)
+
+    def _predict(self, queries: np.ndarray, cache) -> torch.Tensor:
+        """queries (B, H, W), one per support of `cache` -> probabilities (B, 1, S, S) at network size.
+        A slice that several supports segment (organs walking from one slice) is resized and encoded once."""
+        rows, index = distinct_rows(queries)
+        if len(rows) == len(queries):
+            return self.model.predict(resize_slices(queries, self.size), cache).float().cpu()
+        return self.model.predict(resize_slices(queries[rows], self.size), cache,
+                                  index=torch.from_numpy(index)).float().cpu()
 
     @torch.inference_mode()
     def shared(self, queries, image, mask) -> np.ndarray:

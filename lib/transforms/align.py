@@ -12,6 +12,8 @@ regular-step gradient descent, the metric restricted to the support organ dilate
 """
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from lib.model.config import ALIGNMENTS
@@ -23,6 +25,7 @@ class SliceAligner:
     grid: registration grid size in px (slices are block-averaged by max(1, round(H / grid)));
     mask_margin: the metric's dilation of the support organ, as a fraction of the slice height
     (40 px at 256); affine_iterations, demons_iterations, demons_sigma (px of the grid); threads: ITK.
+    `align` may run in several Python threads at once (lib.pipeline.step.Step aligns a batch so).
     """
 
     def __init__(self, grid: int = 64, mask_margin: float = 40 / 256, affine_iterations: int = 30,
@@ -35,6 +38,7 @@ class SliceAligner:
                        "demons_iterations": demons_iterations, "demons_sigma": demons_sigma, "threads": threads,
                        "metric": "MeanSquares", "transform": "affine + demons"}
         self.failures = 0
+        self._count = threading.Lock()
 
     def _shrink(self, shape) -> int:
         return max(1, int(round(shape[0] / self.params["grid"])))
@@ -95,13 +99,16 @@ class SliceAligner:
         try:
             tx = self.register(query, image, mask)
         except RuntimeError:
-            self.failures += 1
-            return image, mask
+            return self._failed(image, mask)
         warped = self._resample(mask.astype(np.uint8), query, tx, nearest=True).astype(bool)
         if not warped.any():
-            self.failures += 1
-            return image, mask
+            return self._failed(image, mask)
         return self._resample(image, query, tx, nearest=False).astype(np.float32), warped
+
+    def _failed(self, image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        with self._count:
+            self.failures += 1
+        return image, mask
 
     def to_grid(self, image: np.ndarray, mask: np.ndarray, shape) -> tuple[np.ndarray, np.ndarray]:
         """A support slice and mask of another size -> resampled to `shape` (H, W) over the same extent
