@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lib.evaluation.annotator import load_case, middle_slice, organ_dice, segment, slice_errors
+from lib.evaluation.annotator import draw_suggested, load_case, middle_slice, organ_dice, segment, slice_errors
 
 POLICIES = ("suggested", "even", "hindsight")
 REPORTED = (1, 2, 3, 5)
@@ -59,10 +59,10 @@ def run_volume(model, options, case, max_slices: int, policies=POLICIES) -> dict
                     err = slice_errors(case, result.label, lid)
                     err[chosen[lid]] = -1
                     ranked = [int(np.argmax(err))] if err.max() > 0 else []
-                drawable = [z for z in ranked if (case.truth[..., z] == lid).any() and z not in chosen[lid]]
-                misses += ranked.index(drawable[0]) if drawable else len(ranked)
-                if drawable:
-                    chosen[lid] = sorted(chosen[lid] + [drawable[0]])
+                z, missed = draw_suggested(case, lid, ranked, chosen[lid])
+                misses += missed
+                if z is not None:
+                    chosen[lid] = sorted(chosen[lid] + [z])
             result = segment(model, options, case, chosen, None if policy == "even" else cache)
             dice.append([organ_dice(case, result.label, lid) for lid in organs])
         out[policy] = {"dice": dice, "misses": misses, "seconds": round(time.perf_counter() - t0, 1),
@@ -128,6 +128,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--volumes", type=int, nargs="*", help="volume indices in id order (default: all)")
     ap.add_argument("--max-slices", type=int, default=5)
+    ap.add_argument("--policies", nargs="+", choices=POLICIES, default=list(POLICIES))
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     import sys
@@ -148,7 +149,7 @@ def main(argv=None) -> int:
     t0, per_volume = time.perf_counter(), []
     for v in volumes:
         case = load_case(ds, v)
-        res = run_volume(model, options, case, args.max_slices)
+        res = run_volume(model, options, case, args.max_slices, args.policies)
         per_volume.append({"case": case.case_id, "organs": case.organs, "policies": res})
         print(f"volume {case.case_id}: " + "; ".join(
             f"{p} {[round(100 * float(np.mean(d)), 1) for d in r['dice']]} ({r['seconds']} s)" for p, r in res.items()),
