@@ -5,7 +5,7 @@ import numpy as np
 
 from lib.pipeline import PropagateOptions
 from lib.pipeline import propagate as run_propagate
-from lib.pipeline.confidence import certainty, cumulative, next_slice, next_slices, slice_confidence
+from lib.pipeline.confidence import certainty, cumulative, expected_gain, next_slice, next_slices, slice_confidence
 from tests.test_pipeline import StubModel
 
 
@@ -79,7 +79,8 @@ def test_confidence_falls_where_a_step_disagrees_with_its_support_and_names_that
     conf = res.confidence[1]
     assert all(conf[z] == 1.0 for z in range(8))                    # copies agree with their support
     np.testing.assert_allclose(conf[8:], 2 * 100 / (100 + 24 * 24), rtol=1e-5)   # carried on from slice 8
-    assert res.next_slice[1] == 8
+    # annotating 11 re-walks 10, 9, 8 with good steps; annotating 8 would also serve 6 and 7 across the bad step
+    assert res.next_slices[1] == [11, 9, 10]
     assert 0 < res.uncertainty < 1
 
 
@@ -123,3 +124,29 @@ def test_walks_cache_gives_the_same_result_with_fewer_steps():
         assert np.array_equal(fresh.label, cached.label)
         np.testing.assert_allclose(fresh.confidence[1], cached.confidence[1])
     assert len(cached_model.encoded) < len(fresh_model.encoded)   # slice 5's walk was reused
+
+
+def test_expected_gain_prefers_the_middle_of_a_long_uncertain_run_over_its_far_end():
+    conf = np.array([1.0, 0.9, 0.8, 0.7, 0.6, 0.5])           # one walk from annotated slice 0
+    area = np.full(6, 10.0)
+    source = np.zeros(6, dtype=np.int64)
+    gain = expected_gain(conf, area, source)
+    # slice 3: itself 3, beyond it 10 (0.6 / 0.7 - 0.6) + 10 (0.5 / 0.7 - 0.5), slice 2 (nearer 3 than 0) 10 (0.7 / 0.8 - 0.8)
+    assert np.isclose(gain[3], 3 + 10 * (0.6 / 0.7 - 0.6) + 10 * (0.5 / 0.7 - 0.5) + 10 * (0.7 / 0.8 - 0.8))
+    # slice 5: itself 5, and slices 4 and 3, nearer 5 than 0, walked back from 5
+    assert np.isclose(gain[5], 5 + 10 * (0.5 / 0.6 - 0.6) + 10 * (0.5 / 0.7 - 0.7)) and gain[0] == 0.0
+    mask = np.zeros((6, 4, 4), bool)
+    mask[:, :2, :] = True                                    # 8 pixels on every slice
+    best = next_slices(conf, mask, [0], source)
+    assert best == [4, 3, 5] and int(np.argmax((1 - conf) * 8)) == 5   # the most wrong voxels: the far end
+
+
+def test_no_slice_is_suggested_beyond_an_annotated_organ_end():
+    area = np.array([40, 40, 10, 60, 100, 60, 50])           # annotated 2 (small: the organ's end) and 4
+    mask = np.zeros((7, 20, 20), bool)
+    for z, a in enumerate(area):
+        mask[z].flat[:a] = True
+    conf = np.array([0.1, 0.2, 1.0, 0.8, 1.0, 0.8, 0.5])
+    source = np.array([2, 2, 2, 4, 4, 4, 4])
+    assert next_slices(conf, mask, [2, 4], source) == [6, 5, 3]
+    assert next_slices(conf, mask, [2, 4], source, end=0.0)[0] in (0, 1)   # without the rule: past the end

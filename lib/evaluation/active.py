@@ -1,15 +1,16 @@
 """Simulated annotator: does the slice the app suggests help more than evenly spaced slices?
 
-    python -m lib.evaluation.active --data ../shared/data/abd-mri --checkpoint apps/sdfsmis/model --out runs/active-mri [--volumes 0 1 2]
+    python -m lib.evaluation.active --data ../shared/data/abd-mri --checkpoint apps/sdfsmis/model --out runs/active-mri [--volumes 1 7 9]
 
 On each volume (lib.evaluation.annotator: cut to the organs' slices, all organs in one request, each
 scored over its extent) the annotation starts from the middle slice of every organ, then grows to
 `--max-slices` slices per organ by three policies:
-- suggested: the truth of the slice the app names (`next_slices` of the result, lib.pipeline.confidence:
-  up to 3, best first); a suggestion without the organ cannot be drawn: the annotator takes the next
-  one, and each skipped suggestion is a miss (none drawable: the organ gets no slice that round);
+- suggested: the truth of a slice the app names (`next_slices` of the result, lib.pipeline.confidence: up
+  to 3, best first), as annotator.draw_suggested answers them: a suggested slice without the organ (a walk
+  ran on past its end) is a miss, and the annotator draws the organ's last slice between it and the
+  annotation instead (or, that one annotated already, looks at the next suggestion);
 - even:      k slices at the centres of k equal parts of the organ's extent (k = 1: the middle slice);
-- hindsight: the slice with the most wrong voxels of the last result (an upper bound for a one-slice pick).
+- hindsight: the slice with the most wrong voxels of the last result (an annotator who sees every error).
 Writes results.json, results.md (Dice after 1, 2, 3, 5 slices; slices needed for 90 and 95 mean Dice)
 and dice_vs_slices.png into --out.
 """
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lib.evaluation.annotator import load_case, middle_slice, organ_dice, segment, slice_errors
+from lib.evaluation.annotator import draw_suggested, load_case, middle_slice, organ_dice, segment, slice_errors
 
 POLICIES = ("suggested", "even", "hindsight")
 REPORTED = (1, 2, 3, 5)
@@ -59,10 +60,10 @@ def run_volume(model, options, case, max_slices: int, policies=POLICIES) -> dict
                     err = slice_errors(case, result.label, lid)
                     err[chosen[lid]] = -1
                     ranked = [int(np.argmax(err))] if err.max() > 0 else []
-                drawable = [z for z in ranked if (case.truth[..., z] == lid).any() and z not in chosen[lid]]
-                misses += ranked.index(drawable[0]) if drawable else len(ranked)
-                if drawable:
-                    chosen[lid] = sorted(chosen[lid] + [drawable[0]])
+                z, missed = draw_suggested(case, lid, ranked, chosen[lid])
+                misses += missed
+                if z is not None:
+                    chosen[lid] = sorted(chosen[lid] + [z])
             result = segment(model, options, case, chosen, None if policy == "even" else cache)
             dice.append([organ_dice(case, result.label, lid) for lid in organs])
         out[policy] = {"dice": dice, "misses": misses, "seconds": round(time.perf_counter() - t0, 1),
@@ -87,7 +88,7 @@ def write_report(out: Path, meta: dict, table: dict, max_slices: int) -> None:
     (out / "results.json").write_text(json.dumps({**meta, "summary": table}, indent=1))
     ks = [k for k in REPORTED if k <= max_slices]
     lines = [f"# Simulated annotator: {meta['dataset']}", "",
-             f"Volumes {meta['volume_ids']} ({meta['n_volumes']} of {meta['available']}), organs {meta['organs']}; "
+             f"Volumes {meta['volume_ids']} (indices {meta['volume_indices']} in id order; {meta['n_volumes']} of {meta['available']}), organs {meta['organs']}; "
              f"checkpoint {meta['checkpoint']}; {meta['minutes']} min.", "",
              "Mean Dice (%) over volumes and organs, by annotated slices per organ:", "",
              "| policy | " + " | ".join(f"{k} slice{'s' * (k > 1)}" for k in ks) + " | slices for 90 | for 95 | misses |",
@@ -96,7 +97,8 @@ def write_report(out: Path, meta: dict, table: dict, max_slices: int) -> None:
         need = row["slices_needed"]
         lines.append(f"| {policy} | " + " | ".join(f"{row['mean_dice'][k - 1]:.2f}" for k in ks)
                      + f" | {need['90'] or f'>{max_slices}'} | {need['95'] or f'>{max_slices}'} | {row['misses']} |")
-    lines += ["", "misses: suggestions skipped because the slice does not show the organ (nothing to draw there).", "",
+    lines += ["", "misses: suggested slices that did not show the organ (the annotator drew the organ's end instead, "
+              "or took the next suggestion).", "",
               f"Command: `{meta['command']}`", ""]
     (out / "results.md").write_text("\n".join(lines))
     _plot(out / "dice_vs_slices.png", table, max_slices, meta["dataset"])
@@ -128,6 +130,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--volumes", type=int, nargs="*", help="volume indices in id order (default: all)")
     ap.add_argument("--max-slices", type=int, default=5)
+    ap.add_argument("--policies", nargs="+", choices=POLICIES, default=list(POLICIES))
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     import sys
@@ -148,12 +151,13 @@ def main(argv=None) -> int:
     t0, per_volume = time.perf_counter(), []
     for v in volumes:
         case = load_case(ds, v)
-        res = run_volume(model, options, case, args.max_slices)
+        res = run_volume(model, options, case, args.max_slices, args.policies)
         per_volume.append({"case": case.case_id, "organs": case.organs, "policies": res})
         print(f"volume {case.case_id}: " + "; ".join(
             f"{p} {[round(100 * float(np.mean(d)), 1) for d in r['dice']]} ({r['seconds']} s)" for p, r in res.items()),
             flush=True)
         meta = {"dataset": name, "checkpoint": args.checkpoint, "volume_ids": [p["case"] for p in per_volume],
+                "volume_indices": volumes[:len(per_volume)],
                 "n_volumes": len(per_volume), "available": len(ds), "organs": DEFAULT_ORGANS[name],
                 "minutes": round((time.perf_counter() - t0) / 60, 1), "command": " ".join(["python -m lib.evaluation.active", *sys.argv[1:]]),
                 "per_volume": per_volume}

@@ -87,3 +87,23 @@ def slice_dice(case: Case, label: np.ndarray, lid: int) -> np.ndarray:
     inter = (a & b).sum(axis=(0, 1))
     total = a.sum(axis=(0, 1)) + b.sum(axis=(0, 1))
     return np.where(total > 0, 2.0 * inter / np.maximum(total, 1), np.nan)
+
+
+def draw_suggested(case: Case, lid: int, ranked: list[int], chosen: list[int]) -> tuple[int | None, int]:
+    """The annotator's answer to the app's suggestions `ranked` (best first) for organ `lid`, annotated on
+    `chosen`: the first suggested slice that shows the organ is drawn. On one that does not (the walk ran on
+    past the organ's end), the annotator scrolls from it towards the nearest annotated slice and draws the
+    first slice that shows the organ (the organ's last slice on that side), or, when that one is annotated
+    already, looks at the next suggestion. -> (slice to draw or None, suggestions that did not show it)."""
+    present = (case.truth == lid).any(axis=(0, 1))
+    for i, z in enumerate(ranked):
+        if present[z] and z not in chosen:
+            return int(z), i
+        near = min(chosen, key=lambda a: abs(a - z))
+        d = 1 if near > z else -1
+        y = z
+        while y != near and not present[y]:
+            y += d
+        if y != near and y not in chosen:
+            return int(y), i + 1
+    return None, len(ranked)
