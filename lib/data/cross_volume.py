@@ -23,18 +23,24 @@ REG_GRID = (64, 64, 32)     # (H, W, Z) of the "affine" registration grid
 CARRY_ALIGNMENTS = ("box", "affine")   # benchmarks/cross_volume.py measures both against the labels
 
 
-def _unit_box_image(array: np.ndarray, box, size):
-    """(H, W, Z) array cut to `box` ((lo, hi) per axis) -> SimpleITK image of `size` spanning the unit
-    cube (linear interpolation), axes in SimpleITK's (x = W, y = H, z = Z) order."""
+def _unit_box(array: np.ndarray, box, dtype) -> "sitk.Image":
+    """(H, W, Z) array cut to `box` ((lo, hi) per axis) -> SimpleITK image spanning the unit cube, axes
+    in SimpleITK's (x = W, y = H, z = Z) order."""
     import SimpleITK as sitk
 
-    sl = tuple(slice(lo, hi) for lo, hi in box)
-    crop = np.ascontiguousarray(np.transpose(array[sl].astype(np.float32), (2, 0, 1)))   # (Z, H, W)
-    img = sitk.GetImageFromArray(crop)
-    img.SetSpacing([1.0 / crop.shape[2], 1.0 / crop.shape[1], 1.0 / crop.shape[0]])
-    ref = sitk.Image([size[1], size[0], size[2]], sitk.sitkFloat32)
+    crop = array[tuple(slice(lo, hi) for lo, hi in box)].astype(dtype)
+    img = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(crop, (2, 0, 1))))   # (Z, H, W)
+    img.SetSpacing([1.0 / crop.shape[1], 1.0 / crop.shape[0], 1.0 / crop.shape[2]])
+    return img
+
+
+def _unit_grid(size, pixel) -> "sitk.Image":
+    """An empty (H, W, Z) = `size` grid spanning the unit cube (a resampling reference)."""
+    import SimpleITK as sitk
+
+    ref = sitk.Image([size[1], size[0], size[2]], pixel)
     ref.SetSpacing([1.0 / size[1], 1.0 / size[0], 1.0 / size[2]])
-    return sitk.Resample(img, ref, sitk.Transform(), sitk.sitkLinear, 0.0)
+    return ref
 
 
 def body_box(supervoxels: np.ndarray) -> list[tuple[int, int]]:
@@ -62,7 +68,8 @@ def register_volumes(moving: np.ndarray, moving_sv: np.ndarray, fixed: np.ndarra
     box_m, box_f = body_box(moving_sv), body_box(fixed_sv)
     transform = sitk.AffineTransform(3)
     if align == "affine":
-        m, f = _unit_box_image(moving, box_m, REG_GRID), _unit_box_image(fixed, box_f, REG_GRID)
+        m, f = (sitk.Resample(_unit_box(v, box, np.float32), _unit_grid(REG_GRID, sitk.sitkFloat32),
+                              sitk.Transform(), sitk.sitkLinear, 0.0) for v, box in ((moving, box_m), (fixed, box_f)))
         reg = sitk.ImageRegistrationMethod()
         reg.SetMetricAsCorrelation()
         reg.SetMetricSamplingStrategy(reg.RANDOM)
@@ -77,8 +84,8 @@ def register_volumes(moving: np.ndarray, moving_sv: np.ndarray, fixed: np.ndarra
         transform = reg.Execute(f, m)
 
     def carry() -> np.ndarray:
-        lab_m = _unit_box_label(moving_sv if labels is None else labels, box_m)
-        ref = _unit_box_reference(fixed_sv.shape, box_f)
+        lab_m = _unit_box(moving_sv if labels is None else labels, box_m, np.uint16)
+        ref = _unit_grid([hi - lo for lo, hi in box_f], sitk.sitkUInt16)
         out = sitk.GetArrayFromImage(sitk.Resample(lab_m, ref, transform, sitk.sitkNearestNeighbor, 0))
         full = np.zeros(fixed_sv.shape, dtype=np.uint16)
         sl = tuple(slice(lo, hi) for lo, hi in box_f)
@@ -86,25 +93,6 @@ def register_volumes(moving: np.ndarray, moving_sv: np.ndarray, fixed: np.ndarra
         return full
 
     return carry
-
-
-def _unit_box_label(sv: np.ndarray, box):
-    import SimpleITK as sitk
-
-    sl = tuple(slice(lo, hi) for lo, hi in box)
-    crop = np.ascontiguousarray(np.transpose(sv[sl].astype(np.uint16), (2, 0, 1)))
-    img = sitk.GetImageFromArray(crop)
-    img.SetSpacing([1.0 / crop.shape[2], 1.0 / crop.shape[1], 1.0 / crop.shape[0]])
-    return img
-
-
-def _unit_box_reference(shape, box):
-    import SimpleITK as sitk
-
-    h, w, z = (hi - lo for lo, hi in box)
-    ref = sitk.Image([w, h, z], sitk.sitkUInt16)
-    ref.SetSpacing([1.0 / w, 1.0 / h, 1.0 / z])
-    return ref
 
 
 class CrossVolumeSampler:
