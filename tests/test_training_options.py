@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from lib.configs.fields import OptionError
-from lib.model import SDFSMISConfig, build_model, load_checkpoint, preset_config, save_checkpoint
+from lib.model import PRESETS, SDFSMISConfig, build_model, load_checkpoint, preset_config, save_checkpoint
 from lib.model.config import LEGACY_TRAINING_KEYS
 from lib.training import RECIPES, Recipe, TrainOptions, recipe_for, request_options
 from lib.training.loop import run_recipe
@@ -77,7 +77,7 @@ def test_recipes_hold_the_training_settings_not_the_model_config():
     assert not set(LEGACY_TRAINING_KEYS) & {f.name for f in fields(SDFSMISConfig)}
     assert (RECIPES["sd15"].lr_unet, RECIPES["sd15"].lr_new, RECIPES["sd15"].iterations) == (1e-5, 5e-5, 15000)
     assert (recipe_for("mini").batch_size, recipe_for("tiny").iterations) == (4, 20)
-    assert set(RECIPES) == {"sd15", "mini", "tiny"}
+    assert set(RECIPES) == set(PRESETS)                          # every preset has its recipe
     cfg = preset_config("tiny")
     run = run_recipe(cfg, TrainOptions(iterations=7, lr_new=0.5, schedule="cosine"))
     assert (run.iterations, run.lr_new, run.schedule, run.lr_unet) == (7, 0.5, "cosine", recipe_for("tiny").lr_unet)

@@ -6,7 +6,7 @@ is carried into volume B at the same relative position in the body: each volume'
 (supervoxel id > 0) is mapped onto the unit cube (`align="box"`). The query mask is the union of B's
 **own** supervoxels on the query slice that lie mostly (>= `cover`) inside the carried region, so the
 target follows B's boundaries, not the carrying's. A 3D affine registration of the boxes
-(`align="affine"`) carried the organs worse than the boxes alone and costs ~20 s a pair
+(`align="affine"`) carried the organs worse than the boxes alone and costs ~50 s a pair
 (`python -m benchmarks.cross_volume`, docs/training.md). Each volume is paired with `partners` others
 of its own dataset (modality); a pair's carried supervoxels are computed when first drawn.
 """
