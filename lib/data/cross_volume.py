@@ -119,6 +119,7 @@ class CrossVolumeSampler:
             for u in self.rng.permutation(mates)[:partners]:
                 self.pairs.append((v, int(u)))
         self._carriers: dict = {}
+        self._boxes: dict[int, list[tuple[int, int]]] = {}
         self._carried: OrderedDict = OrderedDict()
         self._keep = keep
         self.drawn = {"cross": 0, "fallback": 0}
@@ -136,6 +137,12 @@ class CrossVolumeSampler:
         while len(self._carried) > self._keep:
             self._carried.popitem(last=False)
         return self._carried[key]
+
+    def _box(self, v: int) -> list[tuple[int, int]]:
+        """Volume v's body box (`body_box`), found once."""
+        if v not in self._boxes:
+            self._boxes[v] = body_box(self.within._volume(v)[1])
+        return self._boxes[v]
 
     def sample(self) -> dict:
         if not self.pairs or self.rng.random() >= self.share:
@@ -158,7 +165,7 @@ class CrossVolumeSampler:
         carried = np.isin(self._carried_sv(a, b), region)                        # (H_B, W_B, Z_B)
         area = carried.reshape(-1, carried.shape[2]).sum(axis=0)
         # the query slice: B's slice at the support's relative position in the body, if the region got there
-        box_a, box_b = body_box(sv_a), body_box(self.within._volume(b)[1])
+        box_a, box_b = self._box(a), self._box(b)
         rel = (zs - box_a[2][0]) / max(box_a[2][1] - box_a[2][0] - 1, 1)
         zq = int(round(box_b[2][0] + rel * (box_b[2][1] - box_b[2][0] - 1)))
         zq = int(np.clip(zq, 0, len(area) - 1))
@@ -173,10 +180,9 @@ class CrossVolumeSampler:
         query_mask = np.isin(sv_b[:, :, zq], target)
         if query_mask.sum() < self.within.min_area:
             return None
-        ep = _episode(img_a, sv_a, a, k, region, zs, zs)
-        ep.update(query_image=np.asarray(img_b[:, :, zq], dtype=np.float32),
-                  query_mask=query_mask.astype(np.float32), query_volume=b, slices=(zs, zq))
-        return ep
+        return {**_episode(img_a, sv_a, a, k, region, zs, zs), "query_volume": b, "slices": (zs, zq),
+                "query_image": np.asarray(img_b[:, :, zq], dtype=np.float32),
+                "query_mask": query_mask.astype(np.float32)}
 
     __call__ = sample
 

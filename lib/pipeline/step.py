@@ -42,7 +42,7 @@ def distinct_rows(x: np.ndarray) -> tuple[list[int], np.ndarray]:
     of each row among them): equal rows are equal bytes."""
     first: dict[bytes, int] = {}
     index = np.array([first.setdefault(np.ascontiguousarray(row).tobytes(), len(first)) for row in x], np.int64)
-    return [int(np.flatnonzero(index == d)[0]) for d in range(len(first))], index
+    return np.unique(index, return_index=True)[1].tolist(), index   # ids follow first occurrence
 
 
 def apply_prior_edits(probs, prior_probs, prior_masks, threshold: float):

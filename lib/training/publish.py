@@ -80,8 +80,8 @@ def warm_start(opts: TrainOptions, trained: SDFSMIS, device: torch.device) -> SD
     the first input channels of a widened conv (conv_in_* of a preset with more inputs; the rest stay as
     built: zero for lib.model.prior's). The VAE's scaling factor comes along."""
     model = build_model(opts.preset, sd_path=opts.sd_path, dino_path=opts.dino_path).to(device)
-    own, taken = model.state_dict(), {}
-    for key, value in trained.state_dict().items():
+    own, source, taken = model.state_dict(), trained.state_dict(), {}
+    for key, value in source.items():
         ref = own.get(key)
         if ref is None or ref.ndim != value.ndim:
             continue
@@ -90,7 +90,7 @@ def warm_start(opts: TrainOptions, trained: SDFSMIS, device: torch.device) -> SD
         elif ref.ndim == 4 and ref.shape[0] == value.shape[0] and ref.shape[2:] == value.shape[2:] \
                 and ref.shape[1] > value.shape[1]:
             taken[key] = torch.cat([value, ref[:, value.shape[1]:]], dim=1)
-    if len(taken) < len([k for k in trained.state_dict()]) // 2:
+    if len(taken) < len(source) // 2:
         raise ValueError(f"{opts.init} shares too little with the {opts.preset!r} preset to start it")
     model.load_state_dict(taken, strict=False)
     factor = trained.config.vae["scaling_factor"]
