@@ -169,3 +169,47 @@ def test_cross_volume_support_of_another_slice_size_is_resampled():
 def test_the_scrubber_hides_server_folders():
     s = Scrubber({"/srv/app/model/trained": "<train_dir>", "/srv/app": "<app>"})
     assert s(b'{"c": "/srv/app/model/trained/model", "d": "/srv/app/x"}') == b'{"c": "<train_dir>/model", "d": "<app>/x"}'
+
+
+def test_an_upload_waits_for_the_watchers_reconcile(tmp_path, monkeypatch):
+    """The file watcher's reconcile iterates the index; an upload from a request thread must not change it
+    meanwhile (it did: "dictionary changed size during iteration" killed the watcher)."""
+    import threading
+
+    from monailabel.datastore.local import LocalDatastore
+
+    from lib.server.datastore import safe_datastore
+
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    for i in range(2):
+        _nii(studies / f"a{i}.nii.gz", np.zeros((8, 8, 4), np.float32))
+    ds = safe_datastore(str(studies), max_voxels=10 ** 6)
+    inside, go, errors = threading.Event(), threading.Event(), []
+    filename = LocalDatastore._filename
+
+    def slow_filename(self, *args):          # the reconcile pauses inside its loop over the index
+        if threading.current_thread().name == "reconcile" and not inside.is_set():
+            inside.set()
+            go.wait(10)
+        return filename(self, *args)
+
+    def reconcile():
+        try:
+            ds.refresh()
+        except Exception as e:               # noqa: BLE001 - the test reports it
+            errors.append(e)
+
+    monkeypatch.setattr(LocalDatastore, "_filename", slow_filename)
+    watcher = threading.Thread(target=reconcile, name="reconcile")
+    watcher.start()
+    assert inside.wait(10)
+    upload = threading.Thread(target=ds.add_image, args=("b", _nii(tmp_path / "b.nii.gz", np.zeros((8, 8, 4), np.float32)), {}))
+    upload.start()
+    upload.join(0.5)
+    blocked = upload.is_alive()
+    go.set()
+    watcher.join(10)
+    upload.join(10)
+    assert blocked and not errors, errors
+    assert set(ds.list_images()) == {"a0", "a1", "b"}

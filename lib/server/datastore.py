@@ -5,11 +5,20 @@ studies folder). `SafeLocalDatastore` checks every id and tag (lib.server.valida
 resulting path (inside the studies folder after resolving links), and every image / label file
 before it is stored (lib.server.files: type, size, integrity; a label on its image's grid).
 Unknown ids answer 404 instead of MONAI Label's exceptions.
+
+LocalDatastore guards its JSON file with a file lock only, while its in-memory index is changed by
+request threads (uploads) and by the file watcher's thread (reconcile on every file event); a
+reconcile iterating the index while an upload adds to it raised "dictionary changed size during
+iteration" and killed the watcher, after which files written by other processes (batch infer
+results) were never picked up. Every method that reads or changes the index as a whole runs under
+one re-entrant lock here, and a failed reconcile is logged instead of ending the watcher.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import threading
 
 from monailabel.datastore.local import LocalDatastore
 
@@ -19,8 +28,39 @@ from lib.server.validate import ClientError, plain_name, upload_name
 logger = logging.getLogger(__name__)
 
 
+# LocalDatastore methods that iterate or change the in-memory index (see the module docstring)
+SERIALISED = ("_reconcile_datastore", "_init_from_datastore_file", "_update_datastore_file", "add_image",
+              "remove_image", "save_label", "remove_label", "update_image_info", "update_label_info",
+              "datalist", "list_images", "get_labeled_images", "get_unlabeled_images", "status", "json")
+
+
+def _serialised(method):
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        with self._index_lock:
+            return method(self, *args, **kwargs)
+    return call
+
+
 class SafeLocalDatastore(LocalDatastore):
     max_voxels = DEFAULT_MAX_VOXELS
+
+    def __init__(self, *args, **kwargs):
+        self._index_lock = threading.RLock()   # before LocalDatastore's __init__ reads its file
+        super().__init__(*args, **kwargs)
+
+    def _on_any_event(self, event):
+        """The file watcher's callback: a failure is logged, the watcher lives on."""
+        try:
+            super()._on_any_event(event)
+        except Exception:
+            logger.exception("datastore reconcile after a file event failed; the next event retries")
+
+    def _on_modify_event(self, event):
+        try:
+            super()._on_modify_event(event)
+        except Exception:
+            logger.exception("datastore reload after a file event failed; the next event retries")
 
     # ---- containment ------------------------------------------------------------------------------
     @property
@@ -106,6 +146,10 @@ class SafeLocalDatastore(LocalDatastore):
         if not isinstance(info, dict):
             raise ClientError("label info must be a JSON object")
         return super().update_label_info(label_id, label_tag, info)
+
+
+for _name in SERIALISED:
+    setattr(SafeLocalDatastore, _name, _serialised(getattr(SafeLocalDatastore, _name)))
 
 
 def safe_datastore(studies: str, max_voxels: int = DEFAULT_MAX_VOXELS):
