@@ -59,3 +59,12 @@ def test_prototype_floor_finds_the_organs_without_training(small, tmp_path):
                         "--out", str(tmp_path / "proto"), "--no-progress", "--overlay-slices", "0"])
     assert results["method"] == "prototype"
     assert results["summary"]["dice"]["mean"] > 0.6
+
+
+@pytest.mark.parametrize("extra, words", [(["--method", "copy", "--appearance", "0.25"], "registration or sdfsmis"),
+                                          (["--method", "registration", "--appearance", "-1"], "positive weight"),
+                                          (["--server", "http://127.0.0.1:9", "--appearance", "0.25"], "--conf appearance")])
+def test_appearance_is_refused_where_it_does_not_apply(small, tmp_path, extra, words):
+    with pytest.raises(ProtocolError, match=words):
+        evaluate(["--data", str(small), "--organs", "big=1", "--mode", "propagation", "--out", str(tmp_path / "x"),
+                  "--no-progress", *extra])

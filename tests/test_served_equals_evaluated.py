@@ -59,7 +59,7 @@ def test_infer_task_and_evaluation_method_give_identical_masks(setup, same_volum
     job = Job("all", query, "liver", LIVER, query_z, (group,))
     model = store.get()
     options = PropagateOptions.for_model(model, cfg.threshold, batch_size=cfg.batch_size, merge=cfg.merge,
-                                         chain=cfg.chain, gate=cfg.gate, largest=cfg.largest)
+                                         chain=cfg.chain, gate=cfg.gate, largest=cfg.largest, appearance=cfg.appearance)
     evaluated = SDFSMISMethod(model, options).run_group(data, job, group)             # (N, H, W)
 
     _, s_lbl, _ = data.load(support)

@@ -7,8 +7,8 @@ served model (lib.pipeline.PropagateOptions.for_model).
 """
 from __future__ import annotations
 
-from lib.configs.app_config import MERGE_RULES, RESULT_EXTENSIONS, AppConfig
-from lib.configs.fields import OptionError, as_bool, as_choice, as_fraction, as_int, as_label_values, read
+from lib.configs.app_config import MAX_APPEARANCE, MERGE_RULES, RESULT_EXTENSIONS, AppConfig
+from lib.configs.fields import OptionError, as_bool, as_choice, as_float, as_fraction, as_int, as_label_values, read
 
 BACKGROUND_SCRIBBLES = "background_scribbles"   # Slicer's scribbles label_info name: not an organ
 REQUEST_KEY = "_sdfsmis_support"   # where the app's resolved support (lib.infers.support) travels in the request
@@ -32,7 +32,7 @@ def _label_info(value) -> list[int]:
 
 
 def infer_options(request: dict, cfg: AppConfig | None = None) -> dict:
-    """request params -> {threshold (float | None), batch_size, merge, chain, gate, largest, extension,
+    """request params -> {threshold (float | None), batch_size, merge, chain, gate, largest, appearance, extension,
     ignore (label values that are not organs)}; OptionError names a bad key and what it accepts."""
     cfg = cfg or AppConfig()
     return {
@@ -42,6 +42,7 @@ def infer_options(request: dict, cfg: AppConfig | None = None) -> dict:
         "chain": read(request, "chain", as_bool, cfg.chain),
         "gate": read(request, "gate", as_bool, cfg.gate),
         "largest": read(request, "largest", as_bool, cfg.largest),
+        "appearance": read(request, "appearance", as_float, cfg.appearance, 0.0, MAX_APPEARANCE),
         "extension": read(request, "result_extension", as_choice, cfg.result_extension, RESULT_EXTENSIONS),
         "ignore": as_label_values("ignore_labels", request.get("ignore_labels")) + _label_info(request.get("label_info")),
     }

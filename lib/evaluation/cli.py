@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="any method: keep only predicted pixels in the intensity range of the support's organ, and "
                         "drop slices where little is left (lib.transforms.postprocess.intensity_gate); with --chain "
                         "every step is gated before it becomes the next support")
+    p.add_argument("--appearance", type=float, default=0.0, metavar="W",
+                   help="registration, sdfsmis: across volumes, fuse each result with pretrained appearance, W the "
+                        "weight of the place term (lib.pipeline.appearance; the app's `appearance`); 0 (default): off")
     p.add_argument("--checkpoint", help="SD-FSMIS checkpoint folder; '{fold}' is replaced by the fold number")
     p.add_argument("--preset", help="build an untrained model of this preset instead of a checkpoint (smoke runs)")
     p.add_argument("--server", metavar="URL", help="run through a MONAI Label app's 'sdfsmis' infer task")
@@ -86,7 +89,14 @@ def _state_sha256(model) -> str:
 
 def _method_factory(args, dataset_name: str):
     """-> (method_for_fold, per_fold: bool). Loads models lazily, one per fold when '{fold}' is used."""
+    if not args.appearance >= 0:
+        raise ProtocolError(f"--appearance must be 0 (off) or a positive weight, got {args.appearance}")
+    if args.appearance and args.method not in ("registration", "sdfsmis"):
+        raise ProtocolError("--appearance fuses the registration's or the network's results; use it with "
+                            "--method registration or sdfsmis")
     if args.server:
+        if args.appearance:
+            raise ProtocolError("--appearance is set on the server (--conf appearance W), not by the client")
         if args.method != "sdfsmis":
             raise ProtocolError("--server runs the app's sdfsmis task; use it with --method sdfsmis")
         from lib.evaluation.server import ServerMethod
@@ -102,7 +112,8 @@ def _method_factory(args, dataset_name: str):
         method = PrototypeMethod(gate=args.gate, device=args.device)
         return (lambda fold: method), False
     if args.method == "registration":
-        method = RegistrationMethod(threads=args.threads, chain=args.chain, gate=args.gate)
+        method = RegistrationMethod(threads=args.threads, chain=args.chain, gate=args.gate,
+                                    appearance=args.appearance, device=args.device)
         return (lambda fold: method), False
     if bool(args.checkpoint) == bool(args.preset):
         raise ProtocolError("--method sdfsmis needs exactly one of --checkpoint, --preset or --server")
@@ -112,7 +123,7 @@ def _method_factory(args, dataset_name: str):
         from lib.pipeline import PropagateOptions
 
         options = PropagateOptions.for_model(model, batch_size=args.batch_size, chain=args.chain, gate=args.gate,
-                                             largest=not args.all_components)
+                                             largest=not args.all_components, appearance=args.appearance)
         return SDFSMISMethod(model, options, info)
 
     if args.preset:

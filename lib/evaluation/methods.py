@@ -79,20 +79,26 @@ class RegistrationMethod(ArrayMethod):
     `chain` (propagation inside one volume): register each slice to its neighbour towards the
     annotated slice and warp that neighbour's result, walking outward one slice at a time
     (lib.pipeline.walk.walk); with the gate on, each step's result is gated before it is carried on.
+    `appearance` > 0: across volumes, each warped mask is fused with pretrained appearance
+    (lib.pipeline.appearance, that weight).
     """
 
     name = "registration"
 
-    def __init__(self, threads: int = 1, chain: bool = False, gate: bool = False, **params):
+    def __init__(self, threads: int = 1, chain: bool = False, gate: bool = False, appearance: float = 0.0,
+                 device: str = "cpu", **params):
+        from lib.pipeline.appearance import AppearancePrior
         from lib.transforms.align import SliceAligner
 
         super().__init__(gate)
         self.aligner = SliceAligner(threads=threads, **params)
         self.chain = chain
+        self.prior = AppearancePrior(appearance, device=device) if appearance else None
 
     def describe(self) -> dict:
         return {"method": self.name, **self.aligner.params, "chain": self.chain, "intensity_gate": self.gate,
-                "failures_fell_back_to_copy": self.aligner.failures}
+                "failures_fell_back_to_copy": self.aligner.failures,
+                **(self.prior.describe() if self.prior else {"appearance_weight": 0.0})}
 
     def segment(self, query, support_image, support_mask) -> np.ndarray:
         moving = np.asarray(support_image[0], dtype=np.float32)
@@ -100,7 +106,12 @@ class RegistrationMethod(ArrayMethod):
         return np.stack([self.aligner.warp_mask(fixed, moving, mask) for fixed in np.asarray(query, dtype=np.float32)])
 
     def run_group(self, dataset, job, group) -> np.ndarray:
-        """Chained (`chain`) when support and queries are one volume; else every query from the support."""
+        """Chained (`chain`) when support and queries are one volume; else every query from the support
+        (fused with appearance across volumes when `appearance` is set)."""
+        if group.support != job.query and self.prior is not None:
+            query, image, mask = arrays = self._arrays(dataset, job, group)
+            fused = self.prior.fuse(query, image[0], mask[0], self.segment(*arrays))
+            return self.gated(fused, dataset, job, group, arrays)
         if not self.chain or group.support != job.query:
             return super().run_group(dataset, job, group)
         from lib.pipeline.walk import walk
@@ -137,7 +148,8 @@ class SDFSMISMethod(ArrayMethod):
         return {"method": self.name, "batch_size": self.options.batch_size, "chain": self.options.chain,
                 "largest_component": self.options.largest, "intensity_gate": self.options.gate,
                 "threshold": self.options.threshold, "merge": self.options.merge,
-                "align_support": self.model.config.align_support, **self.info}
+                "align_support": self.model.config.align_support, "appearance_weight": self.options.appearance,
+                **self.info}
 
     def run_group(self, dataset, job, group) -> np.ndarray:
         from lib.pipeline import propagate

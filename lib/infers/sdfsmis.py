@@ -45,6 +45,7 @@ class SDFSMISInfer(InferTask):
                 "chain": cfg.chain,
                 "gate": cfg.gate,
                 "largest": cfg.largest,
+                "appearance": cfg.appearance,
                 "result_extension": cfg.result_extension,
             },
         )
@@ -93,7 +94,7 @@ class SDFSMISInfer(InferTask):
                 model = self.store.get()
                 run = PropagateOptions.for_model(model, opts["threshold"], batch_size=opts["batch_size"],
                                                  merge=opts["merge"], chain=opts["chain"], gate=opts["gate"],
-                                                 largest=opts["largest"])
+                                                 largest=opts["largest"], appearance=opts["appearance"])
                 result = propagate(model, image, label, run, support_image=support_image)
                 served = self.store.info()
         except AnnotationError as err:
@@ -118,6 +119,7 @@ class SDFSMISInfer(InferTask):
             "chain": run.chain,
             "gate": run.gate,
             "largest": run.largest,
+            "appearance": run.appearance,
             "model": served,
             "latencies": {
                 "pre": round(pre - start, 3), "infer": round(infer - pre, 3), "post": round(end - infer, 3),

@@ -6,6 +6,7 @@ tasks and by the evaluation's `sdfsmis` method alike, so evaluation measures wha
 - walk.py      chained walks (slice by slice from an annotation, several at once), seeded across volumes
 - propagate.py volumes (H, W, Z) + a label map -> a multi-organ uint8 label map
 - confidence.py per-slice confidence, the slice to annotate next, the image uncertainty
+- appearance.py across volumes: the step's result (place) fused with pretrained features (appearance)
 
 Imports flow one way: tasks -> pipeline -> lib.model / lib.transforms.
 """

@@ -13,7 +13,9 @@ class PropagateOptions:
     threshold: mask threshold on the decoded [0, 1] map (resolved: never None); batch_size: query
     slices (or support/query pairs) per forward pass; merge: MERGE_RULES; chain: walk slice by slice
     from the annotation; gate: intensity gate (lib.transforms.postprocess); largest: keep each organ's
-    largest 3D connected component."""
+    largest 3D connected component; appearance: across volumes, the weight of the place term when each
+    result from another volume's support is fused with pretrained appearance (lib.pipeline.appearance;
+    0 = off; 0.25 chosen on fold 0 of both datasets, docs/evaluation.md)."""
 
     threshold: float
     batch_size: int = 8
@@ -21,12 +23,15 @@ class PropagateOptions:
     chain: bool = True
     gate: bool = True
     largest: bool = True
+    appearance: float = 0.25
 
     def __post_init__(self):
         if self.merge not in MERGE_RULES:
             raise ValueError(f"unknown merge rule {self.merge!r}: choose one of {' | '.join(MERGE_RULES)}")
         if not 0.0 < float(self.threshold) < 1.0:
             raise ValueError(f"threshold {self.threshold!r} must be between 0 and 1")
+        if not float(self.appearance) >= 0.0:
+            raise ValueError(f"appearance {self.appearance!r} must be 0 (off) or a positive weight")
 
     @classmethod
     def for_model(cls, model, threshold: float | None = None, **values) -> "PropagateOptions":

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from lib.pipeline.appearance import AppearancePrior
 from lib.pipeline.confidence import next_slices, slice_confidence
 from lib.pipeline.options import PropagateOptions
 from lib.pipeline.step import Step
@@ -120,6 +121,8 @@ def propagate(model, image, support_label, options: PropagateOptions, support_im
         starts there. options.gate: inside one volume against the annotation; across volumes only in a
         chain, against the seed result (each volume has its own intensity scale). A model whose config
         has `align_support = "registration"` gets every support registered onto its query slice first.
+        options.appearance: across volumes, each result from the other volume's support (every slice, or
+        a chain's seed) is fused with pretrained appearance (lib.pipeline.appearance).
     slices: the query slice indices wanted (default all); the others stay 0. Chained walks always walk
         their whole range, so a wanted slice gets exactly what a full run gives it.
     normalized: the volumes are already scaled to [0, 1] (else lib.transforms.normalize_volume).
@@ -146,6 +149,7 @@ def propagate(model, image, support_label, options: PropagateOptions, support_im
         wanted = np.setdiff1d(wanted, copied)
     aligner = support_aligner(getattr(model.config, "align_support", "none"))
     step = Step(model, options.threshold, aligner.align if aligner is not None else None, options.batch_size)
+    prior = None if same or not options.appearance else AppearancePrior(options.appearance, device=str(model.device))
     probs = {v: np.zeros(q.shape, dtype=np.float32) for v in organs}     # (Z, H, W) per organ
     agree = {v: np.full(n_query, np.nan, dtype=np.float32) for v in organs}   # per-step agreement (walk.chain)
     source = {v: np.full(n_query, -1, dtype=np.int64) for v in organs}       # serving annotated slice, same volume
@@ -179,11 +183,15 @@ def propagate(model, image, support_label, options: PropagateOptions, support_im
             elif options.chain:
                 lo, hi = int(targets.min()), int(targets.max())
                 seed = seed_slice(targets, int(z_s), n_query, n_support) - lo
+                refine = None if prior is None else (
+                    lambda x, p, z=z_s: prior.fuse_probs(x, s[z], mask[z], p, step.threshold))
                 _, p = seeded_chain(step, q[lo:hi + 1], seed, s[z_s], mask[z_s],
-                                    chain_gate if options.gate else None)
+                                    chain_gate if options.gate else None, refine)
                 probs[value][targets] = p[targets - lo]
             else:
                 p = step.shared(q[mine], s[z_s], mask[z_s])
+                if prior is not None:
+                    p = prior.fuse_probs(q[mine], s[z_s], mask[z_s], p, step.threshold)
                 if options.gate and same:
                     gated = intensity_gate(q[mine], p > options.threshold, s[z_s][None], mask[z_s][None])
                     p = np.where(gated, p, 0.0)

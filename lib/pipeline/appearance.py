@@ -1,0 +1,95 @@
+"""Across patients: where the organ is (registration, the network) fused with what it looks like
+(pretrained features). Training-free.
+
+A support slice of another patient places the organ only roughly (registration warps it there, the
+network refines that), and ImageNet features recognise organ tissue anywhere in the slice, with no
+sense of place (docs/evaluation.md: the prototype floor). Together:
+
+    logit = appearance + weight * SCALE * signed_distance(place) / radius > 0
+
+appearance: the organ-vs-background prototype logit on EfficientNet-Lite2 features
+(lib.model.prototypes, ALPNet's local background prototypes); place: the mask the step gives, its
+signed distance in pixels (positive inside) over `radius` = the registration's metric margin (40 px
+at 256, lib.transforms.align). At weight 0.25 a pixel one radius outside the placed organ needs an
+appearance logit of 5 to be kept, one radius inside it is kept unless the logit is below -5.
+`weight` was chosen on fold 0 of both datasets (docs/evaluation.md, "Place and appearance").
+"""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+RADIUS = 40 / 256     # of the slice height: SliceAligner's default mask_margin
+_FEATURES: dict = {}
+_LOCK = threading.Lock()
+
+
+def pretrained_features(device: str = "cpu"):
+    """The frozen EfficientNet-Lite2 feature extractor, loaded once per process and device."""
+    with _LOCK:
+        if device not in _FEATURES:
+            from lib.model.backbone import PretrainedFeatures
+
+            _FEATURES[device] = PretrainedFeatures().to(device).eval()
+        return _FEATURES[device]
+
+
+def signed_distance(mask: np.ndarray) -> np.ndarray:
+    """bool (H, W) -> float32 (H, W): distance to the mask's edge in pixels, positive inside, negative
+    outside; an empty mask is -inf everywhere (no place)."""
+    mask = np.asarray(mask, dtype=bool)
+    if not mask.any():
+        return np.full(mask.shape, -np.inf, dtype=np.float32)
+    return (ndimage.distance_transform_edt(mask) - ndimage.distance_transform_edt(~mask)).astype(np.float32)
+
+
+class AppearancePrior:
+    """weight: of the place term (the app's default: PropagateOptions.appearance); size: slices resized
+    to size x size for the backbone (features at size / 8); batch: slices per forward pass."""
+
+    def __init__(self, weight: float, size: int = 256, batch: int = 16, device: str = "cpu"):
+        self.weight, self.size, self.batch, self.device = float(weight), int(size), int(batch), device
+
+    def describe(self) -> dict:
+        return {"appearance_weight": self.weight, "backbone": "tf_efficientnet_lite2 (ImageNet, stride 8 + 16)",
+                "input_size": self.size, "radius": f"{RADIUS:.4f} of the slice height"}
+
+    def _embed(self, slices: np.ndarray) -> torch.Tensor:
+        """(N, H, W) in [0, 1] -> features (N, C, size/8, size/8)."""
+        x = torch.from_numpy(np.ascontiguousarray(slices, dtype=np.float32))[:, None].to(self.device)
+        x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True)
+        features = pretrained_features(self.device)
+        return torch.cat([features(x[i:i + self.batch]) for i in range(0, len(x), self.batch)])
+
+    @torch.inference_mode()
+    def logits(self, queries, support_image, support_mask) -> np.ndarray:
+        """queries (N, H, W) in [0, 1], a support slice (H', W') and its mask -> float32 (N, H, W): the
+        appearance logit (organ prototype vs the best background one, lib.model.prototypes)."""
+        from lib.model.prototypes import foreground_logit, prototypes
+
+        queries = np.asarray(queries, dtype=np.float32)
+        mask = torch.from_numpy(np.asarray(support_mask, dtype=np.float32))[None, None]
+        mask = F.interpolate(mask, size=(self.size, self.size), mode="area").to(self.device)
+        protos = prototypes(self._embed(np.asarray(support_image, dtype=np.float32)[None]), mask)
+        logit = foreground_logit(self._embed(queries), protos)                     # (N, 1, h, w)
+        return F.interpolate(logit, size=queries.shape[1:], mode="bilinear")[:, 0].float().cpu().numpy()
+
+    def fuse(self, queries, support_image, support_mask, place) -> np.ndarray:
+        """place: bool (N, H, W), the organ where the step put it -> bool (N, H, W) (module docstring)."""
+        from lib.model.prototypes import SCALE
+
+        logit = self.logits(queries, support_image, support_mask)
+        radius = RADIUS * logit.shape[1]
+        term = np.stack([signed_distance(p) for p in np.asarray(place, dtype=bool)]) / radius
+        return logit + self.weight * SCALE * term > 0
+
+    def fuse_probs(self, queries, support_image, support_mask, probs, threshold: float) -> np.ndarray:
+        """`fuse` for a step's probabilities (N, H, W): kept pixels at least just above `threshold`, others 0."""
+        probs = np.asarray(probs, dtype=np.float32)
+        keep = self.fuse(queries, support_image, support_mask, probs > threshold)
+        above = np.nextafter(np.float32(threshold), np.float32(1))
+        return np.where(keep, np.maximum(probs, above), 0.0).astype(np.float32)
