@@ -46,8 +46,8 @@ def test_fusion_moves_a_misplaced_organ_onto_the_tissue_that_looks_like_it():
 
 
 def test_propagation_across_volumes_fuses_each_result_and_the_seed_of_a_chain():
-    """Across volumes the network's per-slice results (and a chain's seed) go through the fusion;
-    inside one volume the option changes nothing."""
+    """Across volumes every slice's result goes through the fusion, chained or not (the fused slices
+    replace the seeded chain); inside one volume the option changes nothing."""
     from lib.model import build_model
     from lib.pipeline import PropagateOptions, propagate
     from lib.pipeline.step import Step
@@ -72,7 +72,7 @@ def test_propagation_across_volumes_fuses_each_result_and_the_seed_of_a_chain():
     assert (plain != fused).any()
     same = propagate(model, support, ann, on.but(chain=True), normalized=True).label
     np.testing.assert_array_equal(same, propagate(model, support, ann, off.but(chain=True), normalized=True).label)
-    chained = propagate(model, query, ann, on.but(chain=True), support_image=support, normalized=True)
-    assert chained.label.shape == query.shape
+    chained = propagate(model, query, ann, on.but(chain=True), support_image=support, normalized=True).label
+    np.testing.assert_array_equal(chained, fused)        # across volumes, fused per slice in place of the chain
     with pytest.raises(ValueError, match="appearance"):
         off.but(appearance=-1.0)

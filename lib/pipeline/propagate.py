@@ -121,8 +121,9 @@ def propagate(model, image, support_label, options: PropagateOptions, support_im
         starts there. options.gate: inside one volume against the annotation; across volumes only in a
         chain, against the seed result (each volume has its own intensity scale). A model whose config
         has `align_support = "registration"` gets every support registered onto its query slice first.
-        options.appearance: across volumes, each result from the other volume's support (every slice, or
-        a chain's seed) is fused with pretrained appearance (lib.pipeline.appearance).
+        options.appearance > 0: across volumes, every query slice is segmented from the other volume's
+        support and fused with pretrained appearance (lib.pipeline.appearance), in place of the seeded
+        chain (fusing a chain's seed and walking from it measured 9 points worse, docs/evaluation.md).
     slices: the query slice indices wanted (default all); the others stay 0. Chained walks always walk
         their whole range, so a wanted slice gets exactly what a full run gives it.
     normalized: the volumes are already scaled to [0, 1] (else lib.transforms.normalize_volume).
@@ -180,13 +181,11 @@ def propagate(model, image, support_label, options: PropagateOptions, support_im
                     continue
                 walks.append(ChainWalk(int(z_s), mask[z_s], verify, lo, hi))
                 owners.append((value, targets, key))
-            elif options.chain:
+            elif options.chain and prior is None:
                 lo, hi = int(targets.min()), int(targets.max())
                 seed = seed_slice(targets, int(z_s), n_query, n_support) - lo
-                refine = None if prior is None else (
-                    lambda x, p, z=z_s: prior.fuse_probs(x, s[z], mask[z], p, step.threshold))
                 _, p = seeded_chain(step, q[lo:hi + 1], seed, s[z_s], mask[z_s],
-                                    chain_gate if options.gate else None, refine)
+                                    chain_gate if options.gate else None)
                 probs[value][targets] = p[targets - lo]
             else:
                 p = step.shared(q[mine], s[z_s], mask[z_s])

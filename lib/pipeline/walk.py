@@ -107,19 +107,16 @@ def chain(step: Step, slices, walks: list[ChainWalk], min_pixels: int = 1,
 
 
 def seeded_chain(step: Step, slices, seed: int, support_image, support_mask,
-                 verify_for: Callable | None = None, refine: Callable | None = None) -> tuple[np.ndarray, np.ndarray]:
+                 verify_for: Callable | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Across volumes: slices[seed] is segmented from a support slice of another volume, then the walk
     goes on inside `slices` (N, H, W) from that result, where neighbouring slices differ little.
-    refine(queries (1, H, W), probabilities (1, H, W)) -> probabilities: applied to the seed's result
-    (lib.pipeline.appearance) before the walk starts from it.
 
     support_image, support_mask: (H', W') of the other volume. verify_for(slices, seed, seed_mask) ->
     verify: the per-step check, built from the seed result (the query volume's own intensities).
     -> (masks, probabilities) as `chain`; all empty when the seed result is.
     """
     vol = np.asarray(slices, dtype=np.float32)
-    p0 = step.shared(vol[seed][None], support_image, support_mask)
-    p0 = (p0 if refine is None else refine(vol[seed][None], p0))[0]
+    p0 = step.shared(vol[seed][None], support_image, support_mask)[0]
     seed_mask = p0 > step.threshold
     if not seed_mask.any():
         return np.zeros(vol.shape, dtype=bool), np.zeros(vol.shape, dtype=np.float32)
