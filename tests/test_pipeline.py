@@ -43,10 +43,12 @@ class StubModel:
         return cache.expand(n, -1, -1, -1).clone() if cache.shape[0] == 1 else cache.clone()
 
 
-def propagate(model, image, ann, batch_size=8, merge="probability", chain=False, gate=False, largest=False, **kw):
-    """The pipeline with the old test defaults (per slice, no gate, every component)."""
+def propagate(model, image, ann, batch_size=8, merge="probability", chain=False, gate=False, largest=False,
+              appearance=0.0, **kw):
+    """The pipeline with the old test defaults (per slice, no gate, every component, no appearance fusion:
+    tests/test_appearance.py has that)."""
     options = PropagateOptions(threshold=0.5, batch_size=batch_size, merge=merge, chain=chain, gate=gate,
-                               largest=largest)
+                               largest=largest, appearance=appearance)
     return run_propagate(model, image, ann, options, **kw)
 
 
