@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from lib.pipeline.step import decided
+
 RADIUS = 40 / 256     # of the slice height: SliceAligner's default mask_margin
 _FEATURES: dict = {}
 _LOCK = threading.Lock()
@@ -90,6 +92,4 @@ class AppearancePrior:
     def fuse_probs(self, queries, support_image, support_mask, probs, threshold: float) -> np.ndarray:
         """`fuse` for a step's probabilities (N, H, W): kept pixels at least just above `threshold`, others 0."""
         probs = np.asarray(probs, dtype=np.float32)
-        keep = self.fuse(queries, support_image, support_mask, probs > threshold)
-        above = np.nextafter(np.float32(threshold), np.float32(1))
-        return np.where(keep, np.maximum(probs, above), 0.0).astype(np.float32)
+        return decided(probs, self.fuse(queries, support_image, support_mask, probs > threshold), threshold)

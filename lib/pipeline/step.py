@@ -45,6 +45,14 @@ def distinct_rows(x: np.ndarray) -> tuple[list[int], np.ndarray]:
     return np.unique(index, return_index=True)[1].tolist(), index   # ids follow first occurrence
 
 
+def decided(probs, keep, threshold: float) -> np.ndarray:
+    """Probabilities (N, H, W) after a decision `keep` bool (N, H, W) made outside the network (the gate,
+    the appearance fusion): kept pixels at least just above `threshold`, the others 0 (so that
+    probabilities > threshold is the decision)."""
+    above = np.nextafter(np.float32(threshold), np.float32(1))
+    return np.where(keep, np.maximum(probs, above), 0.0).astype(np.float32)
+
+
 def apply_prior_edits(probs, prior_probs, prior_masks, threshold: float):
     """The network's changes applied to the full-resolution prior (model config `edit_prior`).
 

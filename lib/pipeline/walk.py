@@ -16,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-from lib.pipeline.step import Step
+from lib.pipeline.step import Step, decided
 
 StepFn = Callable[[int, int, np.ndarray], np.ndarray]   # (z_from, z_to, bool mask of z_from) -> mask of z_to
 
@@ -64,7 +64,6 @@ def chain(step: Step, slices, walks: list[ChainWalk], min_pixels: int = 1,
     if vol.ndim != 3:
         raise ValueError(f"slices must be (N, H, W), got shape {tuple(vol.shape)}")
     n, h, w = vol.shape
-    above = np.nextafter(np.float32(step.threshold), np.float32(1))
     masks, probs, fronts, bounds = [], [], [], []
     for i, wk in enumerate(walks):
         lo, hi = int(wk.lo), n - 1 if wk.hi is None else int(wk.hi)
@@ -95,7 +94,7 @@ def chain(step: Step, slices, walks: list[ChainWalk], min_pixels: int = 1,
                 out = prob > step.threshold
                 if walks[i].verify is not None:
                     out = np.asarray(walks[i].verify(b, out), dtype=bool)
-                probs[i][b] = np.where(out, np.maximum(prob, above), 0.0)
+                probs[i][b] = decided(prob, out, step.threshold)
                 masks[i][b] = out
             agree[i][b] = 2.0 * (masks[i][b] & sup).sum() / max(int(masks[i][b].sum() + sup.sum()), 1)
             if masks[i][b].any() and bounds[i][0] <= b + d <= bounds[i][1]:
