@@ -76,3 +76,19 @@ def test_propagation_across_volumes_fuses_each_result_and_the_seed_of_a_chain():
     np.testing.assert_array_equal(chained, fused)        # across volumes, fused per slice in place of the chain
     with pytest.raises(ValueError, match="appearance"):
         off.but(appearance=-1.0)
+
+
+def test_memo_passes_each_slice_through_the_backbone_once():
+    """A request's organs fuse on the same query slices (and often one support slice): with `memo` each
+    distinct slice is embedded once, and the logits are those computed without it."""
+    rng = np.random.default_rng(2)
+    support, s_mask = _slice((60, 60), rng)
+    queries = np.stack([_slice((62, 64), rng)[0] for _ in range(3)])
+    memo, plain = AppearancePrior(0.25, memo=True), AppearancePrior(0.25)
+    seen = []
+    embed = memo._features
+    memo._features = lambda x: (seen.append(len(x)), embed(x))[1]
+    for _ in range(2):                                        # two organs, same support slice and queries
+        np.testing.assert_allclose(memo.logits(queries[[0, 1, 1, 2]], support, s_mask),   # batches differ: float noise
+                                   plain.logits(queries[[0, 1, 1, 2]], support, s_mask), atol=1e-3)
+    assert seen == [1, 3]                                     # support once, the 3 distinct queries once

@@ -150,7 +150,8 @@ def propagate(model, image, support_label, options: PropagateOptions, support_im
         wanted = np.setdiff1d(wanted, copied)
     aligner = support_aligner(getattr(model.config, "align_support", "none"))
     step = Step(model, options.threshold, aligner.align if aligner is not None else None, options.batch_size)
-    prior = None if same or not options.appearance else AppearancePrior(options.appearance, device=str(model.device))
+    prior = None if same or not options.appearance else AppearancePrior(options.appearance, device=str(model.device),
+                                                                          memo=True)   # organs share slices
     probs = {v: np.zeros(q.shape, dtype=np.float32) for v in organs}     # (Z, H, W) per organ
     agree = {v: np.full(n_query, np.nan, dtype=np.float32) for v in organs}   # per-step agreement (walk.chain)
     source = {v: np.full(n_query, -1, dtype=np.int64) for v in organs}       # serving annotated slice, same volume
