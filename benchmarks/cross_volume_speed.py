@@ -13,11 +13,10 @@ from __future__ import annotations
 import argparse
 import time
 
-import numpy as np
 import torch
 
 from benchmarks.common import device_name, emit_json, load_average
-from benchmarks.served_speed import APP, ct_case
+from benchmarks.served_speed import APP, ct_case, dice
 
 
 def main(argv=None) -> dict:
@@ -45,8 +44,7 @@ def main(argv=None) -> dict:
             label = propagate(model, image, s_ann, options, support_image=s_image).label
             run = {"wall_s": time.perf_counter() - t, "cpu_s": time.process_time() - c}
             best = run if best is None or run["wall_s"] < best["wall_s"] else best
-        best["dice"] = {str(v): float(2 * ((label == v) & (truth == v)).sum()
-                                      / max(1, (label == v).sum() + (truth == v).sum())) for v in organs}
+        best["dice"] = dice(label, truth, organs)
         rec["runs"][name] = best
         print(f"{name:36s} wall {best['wall_s']:6.2f} s  cpu {best['cpu_s']:6.2f} s  dice "
               + ", ".join(f"{k}: {v:.4f}" for k, v in best["dice"].items()), flush=True)

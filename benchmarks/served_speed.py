@@ -81,10 +81,11 @@ def save(arr: np.ndarray, spacing, path: Path) -> Path:
     return path
 
 
-def dice(pred: np.ndarray, truth: np.ndarray, organs, z: int) -> dict:
-    """Per-organ 3D Dice over the slices other than the annotated one."""
+def dice(pred: np.ndarray, truth: np.ndarray, organs, z: int | None = None) -> dict:
+    """Per-organ 3D Dice over the slices other than the annotated one `z` (None: over every slice)."""
     keep = np.ones(truth.shape[-1], bool)
-    keep[z] = False
+    if z is not None:
+        keep[z] = False
     out = {}
     for v in organs:
         p, t = pred[..., keep] == v, truth[..., keep] == v
