@@ -17,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
-from lib.data.episodes import EpisodeSampler, _episode, grow_region
+from lib.data.episodes import EpisodeSampler, grow_region, make_episode
 
 REG_GRID = (64, 64, 32)     # (H, W, Z) of the "affine" registration grid
 CARRY_ALIGNMENTS = ("box", "affine")   # benchmarks/cross_volume.py measures both against the labels
@@ -112,7 +112,7 @@ class CrossVolumeSampler:
         self.within, self.share, self.cover, self.tries = within, float(share), float(cover), int(tries)
         self.align = align
         self.rng = np.random.default_rng(seed)
-        usable = set(int(v) for v in within._usable)
+        usable = set(within.usable)
         self.pairs: list[tuple[int, int]] = []
         for v in sorted(usable):
             mates = [u for u in sorted(usable) if u != v and groups[u] == groups[v]]
@@ -131,7 +131,7 @@ class CrossVolumeSampler:
             self._carried.move_to_end(key)
             return self._carried[key]
         if key not in self._carriers:
-            (img_a, sv_a), (img_b, sv_b) = self.within._volume(a), self.within._volume(b)
+            (img_a, sv_a), (img_b, sv_b) = self.within.volume(a), self.within.volume(b)
             self._carriers[key] = register_volumes(img_a, sv_a, img_b, sv_b, self.align)
         self._carried[key] = self._carriers[key]()
         while len(self._carried) > self._keep:
@@ -141,7 +141,7 @@ class CrossVolumeSampler:
     def _box(self, v: int) -> list[tuple[int, int]]:
         """Volume v's body box (`body_box`), found once."""
         if v not in self._boxes:
-            self._boxes[v] = body_box(self.within._volume(v)[1])
+            self._boxes[v] = body_box(self.within.volume(v)[1])
         return self._boxes[v]
 
     def sample(self) -> dict:
@@ -157,9 +157,9 @@ class CrossVolumeSampler:
 
     def _cross_episode(self) -> dict | None:
         a, b = self.pairs[int(self.rng.integers(len(self.pairs)))]
-        cands = self.within._cands[a]
+        cands = self.within.candidates(a)
         k, zs = (int(x) for x in cands[self.rng.integers(len(cands))])
-        img_a, sv_a = self.within._volume(a)
+        img_a, sv_a = self.within.volume(a)
         steps = 0 if self.rng.random() < 0.5 else int(self.rng.integers(1, max(self.within.merge, 1) + 1))
         region = grow_region(sv_a[:, :, zs], k, steps, self.rng)
         carried = np.isin(self._carried_sv(a, b), region)                        # (H_B, W_B, Z_B)
@@ -173,14 +173,14 @@ class CrossVolumeSampler:
             zq = int(np.argmax(area))
             if area[zq] < self.within.min_area:
                 return None
-        img_b, sv_b = self.within._volume(b)
+        img_b, sv_b = self.within.volume(b)
         ids, counts = np.unique(sv_b[:, :, zq], return_counts=True)
         inside = np.bincount(sv_b[:, :, zq][carried[:, :, zq]].ravel(), minlength=int(ids.max()) + 1)
         target = [int(i) for i, c in zip(ids, counts) if i > 0 and inside[i] >= self.cover * c]
         query_mask = np.isin(sv_b[:, :, zq], target)
         if query_mask.sum() < self.within.min_area:
             return None
-        return {**_episode(img_a, sv_a, a, k, region, zs, zs), "query_volume": b, "slices": (zs, zq),
+        return {**make_episode(img_a, sv_a, a, k, region, zs, zs), "query_volume": b, "slices": (zs, zq),
                 "query_image": np.asarray(img_b[:, :, zq], dtype=np.float32),
                 "query_mask": query_mask.astype(np.float32)}
 

@@ -121,7 +121,7 @@ def ending_pairs(supervoxels, min_area: int = MIN_AREA, excluded=None, areas=Non
     return rows[np.lexsort((rows[:, 1], rows[:, 0]))] if len(rows) else rows.reshape(0, 3)
 
 
-def _episode(image, sv, v: int, k: int, region: list[int], zs: int, zq: int) -> dict:
+def make_episode(image, sv, v: int, k: int, region: list[int], zs: int, zq: int) -> dict:
     """The episode dict (EpisodeSampler doc): slices zs (support) and zq (query), masks = `region` ids."""
     return {
         "support_image": np.asarray(image[:, :, zs], dtype=np.float32),
@@ -199,7 +199,7 @@ class EpisodeSampler:
         self._sv_start: list[np.ndarray] = []
         self._sv_count: list[np.ndarray] = []
         for v in range(len(self._items)):
-            image, sv = self._volume(v)
+            image, sv = self.volume(v)
             excl = np.zeros(sv.shape[2], dtype=bool)
             if self.exclude_labels is not None:
                 lab = labels[v]() if callable(labels[v]) else labels[v]
@@ -231,10 +231,18 @@ class EpisodeSampler:
         return int(sum(len(c) for c in self._cands))
 
     def candidates(self, v: int) -> np.ndarray:
-        """(N, 2) (supervoxel id, z) pairs of volume `v` that can be drawn."""
-        return self._cands[v].copy()
+        """(N, 2) (supervoxel id, z) pairs of volume `v` that can be drawn (read-only)."""
+        view = self._cands[v].view()
+        view.flags.writeable = False
+        return view
 
-    def _volume(self, v: int) -> tuple[np.ndarray, np.ndarray]:
+    @property
+    def usable(self) -> tuple[int, ...]:
+        """Indices of the volumes with at least one candidate pair."""
+        return tuple(int(v) for v in self._usable)
+
+    def volume(self, v: int) -> tuple[np.ndarray, np.ndarray]:
+        """Volume v's (image (H, W, Z), supervoxels (H, W, Z)), loaded if it is not kept."""
         if v in self._loaded:
             self._loaded.move_to_end(v)
             return self._loaded[v]
@@ -267,19 +275,19 @@ class EpisodeSampler:
                 if not 0 <= zq + step < len(present) or not present[zq + step]:
                     break
                 zq += step
-        image, sv = self._volume(v)
+        image, sv = self.volume(v)
         region = [k]
         if self.merge:
             steps = 0 if self.rng.random() < 0.5 else int(self.rng.integers(1, self.merge + 1))
             region = grow_region(sv[:, :, zs], k, steps, self.rng)
-        return _episode(image, sv, v, k, region, zs, zq)
+        return make_episode(image, sv, v, k, region, zs, zq)
 
     def _ending_episode(self) -> dict:
         """A single supervoxel on its last slice (support) and the adjacent slice where it ends (query)."""
         v = int(self.rng.choice(self._ending_vols))
         k, zs, zq = (int(x) for x in self._endings[v][self.rng.integers(len(self._endings[v]))])
-        image, sv = self._volume(v)
-        return _episode(image, sv, v, k, [k], zs, zq)
+        image, sv = self.volume(v)
+        return make_episode(image, sv, v, k, [k], zs, zq)
 
     __call__ = sample
 
