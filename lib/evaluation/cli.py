@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--appearance", type=float, default=0.0, metavar="W",
                    help="registration, sdfsmis: across volumes, fuse each result with pretrained appearance, W the "
                         "weight of the place term (lib.pipeline.appearance; the app's `appearance`); 0 (default): off")
+    p.add_argument("--features", metavar="FILE",
+                   help="prototype, registration: a fine-tuned appearance backbone (`python -m lib.train_appearance`) "
+                        "instead of ImageNet's")
     p.add_argument("--checkpoint", help="SD-FSMIS checkpoint folder; '{fold}' is replaced by the fold number")
     p.add_argument("--preset", help="build an untrained model of this preset instead of a checkpoint (smoke runs)")
     p.add_argument("--server", metavar="URL", help="run through a MONAI Label app's 'sdfsmis' infer task")
@@ -94,6 +97,12 @@ def _method_factory(args, dataset_name: str):
     if args.appearance and args.method not in ("registration", "sdfsmis"):
         raise ProtocolError("--appearance fuses the registration's or the network's results; use it with "
                             "--method registration or sdfsmis")
+    if args.features and args.method not in ("prototype", "registration"):
+        raise ProtocolError("--features is for --method prototype or registration (the app serves ImageNet's)")
+    if args.features and args.method == "registration" and not args.appearance:
+        raise ProtocolError("--features with --method registration needs --appearance W (the fusion it feeds)")
+    if args.features and not Path(args.features).is_file():
+        raise ProtocolError(f"--features {args.features}: no such file")
     if args.server:
         if args.appearance:
             raise ProtocolError("--appearance is set on the server (--conf appearance W), not by the client")
@@ -109,11 +118,11 @@ def _method_factory(args, dataset_name: str):
     if args.method == "prototype":
         from lib.evaluation.prototype import PrototypeMethod
 
-        method = PrototypeMethod(gate=args.gate, device=args.device)
+        method = PrototypeMethod(gate=args.gate, device=args.device, weights=args.features)
         return (lambda fold: method), False
     if args.method == "registration":
         method = RegistrationMethod(threads=args.threads, chain=args.chain, gate=args.gate,
-                                    appearance=args.appearance, device=args.device)
+                                    appearance=args.appearance, device=args.device, features=args.features)
         return (lambda fold: method), False
     if bool(args.checkpoint) == bool(args.preset):
         raise ProtocolError("--method sdfsmis needs exactly one of --checkpoint, --preset or --server")

@@ -80,20 +80,20 @@ class RegistrationMethod(ArrayMethod):
     annotated slice and warp that neighbour's result, walking outward one slice at a time
     (lib.pipeline.walk.walk); with the gate on, each step's result is gated before it is carried on.
     `appearance` > 0: across volumes, each warped mask is fused with pretrained appearance
-    (lib.pipeline.appearance, that weight).
+    (lib.pipeline.appearance, that weight; `features`: a fine-tuned backbone, None = ImageNet's).
     """
 
     name = "registration"
 
     def __init__(self, threads: int = 1, chain: bool = False, gate: bool = False, appearance: float = 0.0,
-                 device: str = "cpu", **params):
+                 device: str = "cpu", features=None, **params):
         from lib.pipeline.appearance import AppearancePrior
         from lib.transforms.align import SliceAligner
 
         super().__init__(gate)
         self.aligner = SliceAligner(threads=threads, **params)
         self.chain = chain
-        self.prior = AppearancePrior(appearance, device=device) if appearance else None
+        self.prior = AppearancePrior(appearance, device=device, weights=features) if appearance else None
 
     def describe(self) -> dict:
         return {"method": self.name, **self.aligner.params, "chain": self.chain, "intensity_gate": self.gate,

@@ -13,15 +13,15 @@ from lib.evaluation.methods import ArrayMethod
 
 class PrototypeMethod(ArrayMethod):
     """size: slices resized to size x size for the backbone (features at size / 8); batch: query
-    slices per forward pass."""
+    slices per forward pass; weights: a fine-tuned backbone (lib.training.appearance), None = ImageNet's."""
 
     name = "prototype"
 
-    def __init__(self, size: int = 256, batch: int = 16, gate: bool = False, device: str = "cpu"):
+    def __init__(self, size: int = 256, batch: int = 16, gate: bool = False, device: str = "cpu", weights=None):
         from lib.pipeline.appearance import AppearancePrior
 
         super().__init__(gate)
-        self.prior = AppearancePrior(0.0, size=size, batch=batch, device=device)
+        self.prior = AppearancePrior(0.0, size=size, batch=batch, device=device, weights=weights)
 
     def describe(self) -> dict:
         info = self.prior.describe()

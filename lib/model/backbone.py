@@ -51,14 +51,25 @@ class PretrainedFeatures(nn.Module):
 
     channels = 48 + 120
 
-    def __init__(self, pretrained: bool = True):
+    def __init__(self, pretrained: bool = True, weights: str | None = None):
+        """weights: a fine-tuned trunk's state dict (safetensors, lib.training.appearance) loaded over
+        the ImageNet one; None keeps ImageNet's."""
         super().__init__()
-        net = load_classifier(pretrained)
+        net = load_classifier(pretrained and weights is None)
         self.stem = nn.Sequential(net.conv_stem, net.bn1)
         self.blocks = net.blocks[:STAGES[-1] + 1]
         cfg = net.pretrained_cfg
         self.register_buffer("mean", torch.tensor(cfg["mean"]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(cfg["std"]).view(1, 3, 1, 1), persistent=False)
+        if weights is not None:
+            from safetensors.torch import load_file
+
+            self.load_state_dict(load_file(str(weights)), strict=True)
+
+    def embed(self, images: torch.Tensor, size: int) -> torch.Tensor:
+        """(N, 1, H, W) in [0, 1] -> resized to size x size (bilinear, antialiased) -> (N, C, size/8, size/8)."""
+        x = nn.functional.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True)
+        return self(x)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = (images.expand(-1, 3, -1, -1) - self.mean) / self.std

@@ -62,9 +62,8 @@ class PriorBranch(nn.Module):
 
     def maps(self, images: torch.Tensor) -> torch.Tensor:
         """(N, 1, S, S) in [0, 1] -> feature maps (N, C, latent, latent)."""
-        x = F.interpolate(images.float(), size=(self.size, self.size), mode="bilinear", antialias=True)
         with torch.no_grad():
-            f = self.features(x)
+            f = self.features.embed(images, self.size)
         if f.shape[-1] != self.latent:
             f = F.interpolate(f, size=(self.latent, self.latent), mode="bilinear")
         return f.to(images.dtype)

