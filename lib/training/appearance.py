@@ -65,7 +65,7 @@ def save_weights(features, path: Path) -> None:
     tmp.replace(path)
 
 
-def train(data: list, out: str, iterations: int = 1500, batch: int = 4, lr: float = 1e-4, size: int = 256,
+def train(data: list, out: str, iterations: int = 1200, batch: int = 4, lr: float = 1e-4, size: int = 256,
           merge: int = 8, gap: int = 4, vanish: float = 0.1, cross: float = 0.0, strength: float = 1.0,
           seed: int = 42, checkpoint_every: int = 250, threads: int = 1, progress: bool = True,
           cache_dir=None) -> Path:
@@ -94,29 +94,39 @@ def train(data: list, out: str, iterations: int = 1500, batch: int = 4, lr: floa
     freeze_batchnorm(features)
     optimizer = torch.optim.AdamW(features.parameters(), lr=lr, weight_decay=1e-4)
     warmup = min(50, iterations // 10)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda i: min(1.0, (i + 1) / max(1, warmup)) * 0.5 * (1 + math.cos(math.pi * min(i, iterations) / iterations)))
-    log = (out_dir / "train_log.jsonl").open("a")
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_factor(i, iterations, warmup))
     bar = tqdm(range(iterations), desc="train appearance", unit="it", disable=not progress)
     start, running = time.time(), None
-    for it in bar:
-        b = make_batch(sampler, augment, size, batch, torch.device("cpu"))
-        loss = episode_loss(features, b["support_image"], b["support_mask"], b["query_image"], b["query_mask"])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(features.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
-        bar.set_postfix(loss=f"{running:.3f}")
-        if (it + 1) % 10 == 0:
-            log.write(f'{{"iteration": {it + 1}, "loss": {running:.4f}, "seconds": {time.time() - start:.1f}}}\n')
-            log.flush()
-        if (it + 1) % checkpoint_every == 0 or it + 1 == iterations:
-            save_weights(features, out_dir / f"appearance-{it + 1}.safetensors")
+    with (out_dir / "train_log.jsonl").open("a") as log:
+        for it in bar:
+            running = _step(features, optimizer, schedule, make_batch(sampler, augment, size, batch, torch.device("cpu")),
+                            running)
+            bar.set_postfix(loss=f"{running:.3f}")
+            if (it + 1) % 10 == 0:
+                log.write(f'{{"iteration": {it + 1}, "loss": {running:.4f}, "seconds": {time.time() - start:.1f}}}\n')
+                log.flush()
+            if (it + 1) % checkpoint_every == 0 or it + 1 == iterations:
+                save_weights(features, out_dir / f"appearance-{it + 1}.safetensors")
     final = out_dir / APPEARANCE
     save_weights(features, final)
     return final
+
+
+def lr_factor(i: int, iterations: int, warmup: int) -> float:
+    """Learning-rate multiplier after i steps: a linear warm-up times a cosine from 1 to 0 at `iterations`
+    (the schedule of the runs in docs/evaluation.md; lib.training.recipe's cosine ends at 0.1 instead)."""
+    return min(1.0, (i + 1) / max(1, warmup)) * 0.5 * (1 + math.cos(math.pi * min(i, iterations) / iterations))
+
+
+def _step(features, optimizer, schedule, b: dict, running: float | None) -> float:
+    """One optimiser step on batch `b` -> the running (exponentially averaged) loss."""
+    loss = episode_loss(features, b["support_image"], b["support_mask"], b["query_image"], b["query_mask"])
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(features.parameters(), 1.0)
+    optimizer.step()
+    schedule.step()
+    return loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
 
 
 def main(argv=None) -> int:
