@@ -21,18 +21,18 @@ import math
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from lib.model.prototypes import foreground_logit, prototypes
+from lib.model.sdfsmis import mask_loss
 
 APPEARANCE = "appearance.safetensors"
 
 
 def episode_loss(features, support_image, support_mask, query_image, query_mask) -> torch.Tensor:
-    """(B, 1, S, S) tensors -> scalar: BCE + soft Dice of the query's logit from the support's
-    prototypes, plus the same with support and query swapped."""
+    """(B, 1, S, S) tensors -> scalar: BCE + soft Dice (lib.model.sdfsmis.mask_loss, the network's mask
+    term) of the query's logit from the support's prototypes, plus the same with support and query swapped."""
     b = support_image.shape[0]
     f = features(torch.cat([support_image, query_image]))                      # (2B, C, h, w)
     fs, fq = f[:b], f[b:]
@@ -40,11 +40,7 @@ def episode_loss(features, support_image, support_mask, query_image, query_mask)
     for feat_a, mask_a, feat_b, mask_b in ((fs, support_mask, fq, query_mask), (fq, query_mask, fs, support_mask)):
         logit = torch.cat([foreground_logit(feat_b[i:i + 1], prototypes(feat_a[i:i + 1], mask_a[i:i + 1]))
                            for i in range(b)])                                  # (B, 1, h, w)
-        logit = F.interpolate(logit, size=mask_b.shape[-2:], mode="bilinear")
-        bce = F.binary_cross_entropy_with_logits(logit, mask_b)
-        p = torch.sigmoid(logit)
-        dice = 1 - (2 * (p * mask_b).sum((1, 2, 3)) + 1) / (p.sum((1, 2, 3)) + mask_b.sum((1, 2, 3)) + 1)
-        total = total + bce + dice.mean()
+        total = total + mask_loss(F.interpolate(logit, size=mask_b.shape[-2:], mode="bilinear"), mask_b)
     return total / 2
 
 
