@@ -1,5 +1,5 @@
 """Across volumes in process: the seeded chain (`appearance 0`) against every slice fused with
-pretrained appearance (the app's default), time and Dice.
+pretrained appearance, from the support as it is and located first (the app's default), time and Dice.
 
     python -m benchmarks.cross_volume_speed --data ../shared/data/abd-ct --query 14 --support 16
 
@@ -36,8 +36,10 @@ def main(argv=None) -> dict:
     s_image, s_ann, _, _, _, _ = ct_case(args.data, args.support, args.slices)
     model = load_checkpoint(APP / "model").eval()
     rec = {"device_name": device_name(torch.device("cpu")), "load_average": load_average(), "runs": {}}
-    for name, weight in (("seeded chain (appearance 0)", 0.0), ("every slice fused (appearance 0.25)", 0.25)):
-        options = PropagateOptions.for_model(model, appearance=weight)
+    for name, weight, locate in (("seeded chain (appearance 0)", 0.0, True),
+                                 ("every slice fused, not located", 0.25, False),
+                                 ("located, every slice fused (appearance 0.25)", 0.25, True)):
+        options = PropagateOptions.for_model(model, appearance=weight, locate=locate)
         best = None
         for _ in range(args.repeats):
             t, c = time.perf_counter(), time.process_time()

@@ -65,17 +65,76 @@ def test_propagation_across_volumes_fuses_each_result_and_the_seed_of_a_chain():
     fused = propagate(model, query, ann, on, support_image=support, normalized=True).label
     step = Step(model, off.threshold)
     q, s = np.moveaxis(query, -1, 0), np.moveaxis(support, -1, 0)
-    probs = step.shared(q, s[1], ann[..., 1] > 0)
-    expected = AppearancePrior(0.25).fuse_probs(q, s[1], ann[..., 1] > 0, probs, off.threshold) > off.threshold
+    prior = AppearancePrior(0.25)
+    images, masks = prior.supports(q, s[1], ann[..., 1] > 0)                # located on each query slice
+    located = step.pairs(q, images, masks)[0]
+    expected = prior.fuse_probs(q, s[1], ann[..., 1] > 0, located, off.threshold, masks) > off.threshold
     np.testing.assert_array_equal(fused > 0, np.moveaxis(expected, 0, -1))
+    probs = step.shared(q, s[1], ann[..., 1] > 0)
     np.testing.assert_array_equal(plain > 0, np.moveaxis(probs > off.threshold, 0, -1))
     assert (plain != fused).any()
+    unlocated = propagate(model, query, ann, on.but(locate=False), support_image=support, normalized=True).label
+    expected = prior.fuse_probs(q, s[1], ann[..., 1] > 0, probs, off.threshold) > off.threshold
+    np.testing.assert_array_equal(unlocated > 0, np.moveaxis(expected, 0, -1))
     same = propagate(model, support, ann, on.but(chain=True), normalized=True).label
     np.testing.assert_array_equal(same, propagate(model, support, ann, off.but(chain=True), normalized=True).label)
     chained = propagate(model, query, ann, on.but(chain=True), support_image=support, normalized=True).label
     np.testing.assert_array_equal(chained, fused)        # across volumes, fused per slice in place of the chain
     with pytest.raises(ValueError, match="appearance"):
         off.but(appearance=-1.0)
+
+
+def test_match_offsets_finds_where_the_support_template_moved():
+    """Random features; the query slices are the support rolled by (3, -2) cells: that shift is found
+    on every slice, also on one slice made noise (its neighbours outvote it); an empty mask: no shift."""
+    from lib.model.prototypes import match_offsets
+
+    torch.manual_seed(0)
+    support = torch.randn(1, 16, 32, 32)
+    mask = torch.zeros(1, 1, 32, 32)
+    mask[..., 12:18, 14:20] = 1
+    query = torch.roll(support, shifts=(3, -2), dims=(2, 3)).repeat(5, 1, 1, 1)
+    query[2] = torch.randn(16, 32, 32)
+    offsets = match_offsets(query, support, mask)
+    assert offsets.tolist() == [[3, -2]] * 5
+    assert match_offsets(query, support, mask, window=0)[2].tolist() != [3, -2]
+    assert match_offsets(query, support, torch.zeros_like(mask)).tolist() == [[0, 0]] * 5
+
+
+def test_located_support_lands_on_the_query_organ():
+    """The query's organ is 40 px away from the support's: the located support mask overlaps it far more
+    than the support mask where it was; `locate` off gives the support unchanged; a support of another
+    size is brought onto the query grid."""
+    rng = np.random.default_rng(3)
+    support, s_mask = _slice((40, 40), rng)
+    queries, truths = zip(*[_slice((70, 72), rng) for _ in range(3)])
+    queries, truths = np.stack(queries), np.stack(truths)
+    images, masks = AppearancePrior(0.25).supports(queries, support, s_mask)
+    assert images.shape == masks.shape == queries.shape
+    for mask, truth in zip(masks, truths):
+        assert _dice(mask, truth) > 0.6 > 0.1 > _dice(s_mask, truth)
+    images, masks = AppearancePrior(0.25, locate=False).supports(queries, support, s_mask)
+    np.testing.assert_array_equal(masks, np.repeat(s_mask[None], 3, 0))
+    np.testing.assert_array_equal(images, np.repeat(support[None], 3, 0))
+    big, big_mask = np.kron(support, np.ones((2, 2), np.float32)), np.kron(s_mask, np.ones((2, 2), bool))
+    _, masks = AppearancePrior(0.25).supports(queries, big, big_mask)   # the same slice at 256
+    assert masks.shape == queries.shape and all(_dice(m, t) > 0.6 for m, t in zip(masks, truths))
+
+
+def test_located_rows_are_those_of_a_full_call_from_their_neighbours_alone():
+    """Locating rows 0 and 9 of 10 slices embeds only them and their 3 neighbours each (8 slices, and the
+    support), and gives them what locating all 10 gives them."""
+    rng = np.random.default_rng(4)
+    support, s_mask = _slice((40, 40), rng)
+    queries = np.stack([_slice((50 + 3 * z, 60), rng)[0] for z in range(10)])
+    prior, seen = AppearancePrior(0.25), []
+    embed = prior._features
+    prior._features = lambda x: (seen.append(len(x)), embed(x))[1]
+    images, masks = prior.supports(queries, support, s_mask, rows=[0, 9])
+    assert sorted(seen) == [1, 8]
+    full_images, full_masks = AppearancePrior(0.25).supports(queries, support, s_mask)
+    np.testing.assert_array_equal(masks, full_masks[[0, 9]])
+    np.testing.assert_array_equal(images, full_images[[0, 9]])
 
 
 def test_memo_passes_each_slice_through_the_backbone_once():

@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--appearance", type=float, default=0.0, metavar="W",
                    help="registration, sdfsmis: across volumes, fuse each result with pretrained appearance, W the "
                         "weight of the place term (lib.pipeline.appearance; the app's `appearance`); 0 (default): off")
+    p.add_argument("--no-locate", dest="locate", action="store_false",
+                   help="with --appearance: fuse from the support where it is, without first moving it onto each "
+                        "query slice by feature template matching (the app locates; for ablations)")
     p.add_argument("--features", metavar="FILE",
                    help="prototype, registration: a fine-tuned appearance backbone (`python -m lib.train_appearance`) "
                         "instead of ImageNet's")
@@ -101,6 +104,8 @@ def _method_factory(args, dataset_name: str):
         raise ProtocolError("--features is for --method prototype or registration (the app serves ImageNet's)")
     if args.features and args.method == "registration" and not args.appearance:
         raise ProtocolError("--features with --method registration needs --appearance W (the fusion it feeds)")
+    if not args.locate and not args.appearance:
+        raise ProtocolError("--no-locate changes the --appearance fusion; use it with --appearance W")
     if args.features and not Path(args.features).is_file():
         raise ProtocolError(f"--features {args.features}: no such file")
     if args.server:
@@ -122,7 +127,8 @@ def _method_factory(args, dataset_name: str):
         return (lambda fold: method), False
     if args.method == "registration":
         method = RegistrationMethod(threads=args.threads, chain=args.chain, gate=args.gate,
-                                    appearance=args.appearance, device=args.device, features=args.features)
+                                    appearance=args.appearance, device=args.device, features=args.features,
+                                    locate=args.locate)
         return (lambda fold: method), False
     if bool(args.checkpoint) == bool(args.preset):
         raise ProtocolError("--method sdfsmis needs exactly one of --checkpoint, --preset or --server")
@@ -132,7 +138,8 @@ def _method_factory(args, dataset_name: str):
         from lib.pipeline import PropagateOptions
 
         options = PropagateOptions.for_model(model, batch_size=args.batch_size, chain=args.chain, gate=args.gate,
-                                             largest=not args.all_components, appearance=args.appearance)
+                                             largest=not args.all_components, appearance=args.appearance,
+                                             locate=args.locate)
         return SDFSMISMethod(model, options, info)
 
     if args.preset:

@@ -79,21 +79,22 @@ class RegistrationMethod(ArrayMethod):
     `chain` (propagation inside one volume): register each slice to its neighbour towards the
     annotated slice and warp that neighbour's result, walking outward one slice at a time
     (lib.pipeline.walk.walk); with the gate on, each step's result is gated before it is carried on.
-    `appearance` > 0: across volumes, each warped mask is fused with pretrained appearance
-    (lib.pipeline.appearance, that weight; `features`: a fine-tuned backbone, None = ImageNet's).
+    `appearance` > 0: across volumes, the support is first located on each query slice (`locate`), then
+    registered, and each warped mask is fused with pretrained appearance (lib.pipeline.appearance, that
+    weight; `features`: a fine-tuned backbone, None = ImageNet's).
     """
 
     name = "registration"
 
     def __init__(self, threads: int = 1, chain: bool = False, gate: bool = False, appearance: float = 0.0,
-                 device: str = "cpu", features=None, **params):
+                 device: str = "cpu", features=None, locate: bool = True, **params):
         from lib.pipeline.appearance import AppearancePrior
         from lib.transforms.align import SliceAligner
 
         super().__init__(gate)
         self.aligner = SliceAligner(threads=threads, **params)
         self.chain = chain
-        self.prior = AppearancePrior(appearance, device=device, weights=features) if appearance else None
+        self.prior = AppearancePrior(appearance, device=device, weights=features, locate=locate) if appearance else None
 
     def describe(self) -> dict:
         return {"method": self.name, **self.aligner.params, "chain": self.chain, "intensity_gate": self.gate,
@@ -110,7 +111,9 @@ class RegistrationMethod(ArrayMethod):
         (fused with appearance across volumes when `appearance` is set)."""
         if group.support != job.query and self.prior is not None:
             query, image, mask = arrays = self._arrays(dataset, job, group)
-            fused = self.prior.fuse(query, image[0], mask[0], self.segment(*arrays))
+            images, masks = self.prior.supports(query, image[0], mask[0])
+            placed = np.stack([self.aligner.warp_mask(q, i, m) for q, i, m in zip(query, images, masks)])
+            fused = self.prior.fuse(query, image[0], mask[0], placed, masks if self.prior.locate else None)
             return self.gated(fused, dataset, job, group, arrays)
         if not self.chain or group.support != job.query:
             return super().run_group(dataset, job, group)
@@ -149,6 +152,7 @@ class SDFSMISMethod(ArrayMethod):
                 "largest_component": self.options.largest, "intensity_gate": self.options.gate,
                 "threshold": self.options.threshold, "merge": self.options.merge,
                 "align_support": self.model.config.align_support, "appearance_weight": self.options.appearance,
+                "locate_support": self.options.locate,
                 **self.info}
 
     def run_group(self, dataset, job, group) -> np.ndarray:

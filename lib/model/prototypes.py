@@ -42,3 +42,33 @@ def foreground_logit(features: torch.Tensor, protos: torch.Tensor) -> torch.Tens
     p = F.normalize(protos, dim=2)
     sim = torch.einsum("bchw,bpc->bphw", f, p.expand(f.shape[0], -1, -1))     # (B, 1+P, h, w)
     return SCALE * (sim[:, :1] - sim[:, 1:].amax(dim=1, keepdim=True))
+
+
+def match_offsets(query: torch.Tensor, support: torch.Tensor, mask: torch.Tensor, margin: int = 1,
+                  reach: int = 10, window: int = 3) -> torch.Tensor:
+    """Where the support's organ is in each query slice, by feature template matching (a translation).
+
+    query (N, C, h, w) features of consecutive query slices, support (1, C, h, w), mask (1, 1, h, w) the
+    organ's area fractions on the feature grid -> long (N, 2): the (dy, dx) shift in feature cells,
+    within +-`reach`, that best matches the template (the support's features over the organ's bounding
+    box grown by `margin` cells; mean cosine similarity) to the query; each slice takes the best shift
+    of its score maps averaged over +-`window` neighbouring slices (one organ moves little between
+    slices, and one slice alone is noisy). An empty mask gives no shift."""
+    n = query.shape[0]
+    organ = mask[0, 0] > 0.25
+    if not organ.any():
+        return torch.zeros(n, 2, dtype=torch.long)
+    h, w = organ.shape
+    ys, xs = torch.nonzero(organ, as_tuple=True)
+    y0, y1 = max(int(ys.min()) - margin, 0), min(int(ys.max()) + margin, h - 1)
+    x0, x1 = max(int(xs.min()) - margin, 0), min(int(xs.max()) + margin, w - 1)
+    template = F.normalize(support.float(), dim=1)[:, :, y0:y1 + 1, x0:x1 + 1]          # (1, C, th, tw)
+    padded = F.pad(F.normalize(query.float(), dim=1), (reach,) * 4)
+    region = padded[:, :, y0:y1 + 1 + 2 * reach, x0:x1 + 1 + 2 * reach]
+    score = F.conv2d(region, template)[:, 0] / template[0, 0].numel()                    # (N, 2r+1, 2r+1)
+    csum = torch.cat([torch.zeros_like(score[:1]), score.cumsum(0)])
+    idx = torch.arange(n)
+    lo, hi = (idx - window).clamp_min(0), (idx + window + 1).clamp_max(n)
+    smooth = (csum[hi] - csum[lo]).flatten(1).argmax(dim=1)                              # (N,)
+    side = 2 * reach + 1
+    return torch.stack([smooth // side, smooth % side], dim=1) - reach

@@ -1,6 +1,12 @@
 """Across patients: where the organ is (registration, the network) fused with what it looks like
 (pretrained features). Training-free.
 
+First the support is *located*: its organ's features are matched to each query slice as a template
+(lib.model.prototypes.match_offsets, a translation of up to 80 px at 256) and the support slice and mask
+are moved there, so that the registration (and the network) start near the organ instead of where it
+was in the other patient; registration alone, with its metric kept near the organ, cannot make such
+moves (docs/evaluation.md, "Locating the support").
+
 A support slice of another patient places the organ only roughly (registration warps it there, the
 network refines that), and ImageNet features recognise organ tissue anywhere in the slice, with no
 sense of place (docs/evaluation.md: the prototype floor). Together:
@@ -10,9 +16,10 @@ sense of place (docs/evaluation.md: the prototype floor). Together:
 appearance: the organ-vs-background prototype logit on EfficientNet-Lite2 features
 (lib.model.prototypes, ALPNet's local background prototypes); place: the mask the step gives, its
 signed distance in pixels (positive inside) over `radius` = the registration's metric margin (40 px
-at 256, lib.transforms.align). At weight 0.25 a pixel one radius outside the placed organ needs an
-appearance logit of 5 to be kept, one radius inside it is kept unless the logit is below -5.
-`weight` was chosen on fold 0 of both datasets (docs/evaluation.md, "Place and appearance").
+at 256, lib.transforms.align); with a located support, the mean of the signed distances to the step's
+mask and to the located support mask (the two places the step and the features give). At weight 0.25
+a pixel one radius outside the placed organ needs an appearance logit of 5 to be kept, one radius inside it is kept unless the logit is below -5.
+`weight` and the locating were chosen on fold 0 of both datasets (docs/evaluation.md).
 """
 from __future__ import annotations
 
@@ -28,6 +35,7 @@ from scipy import ndimage
 from lib.pipeline.step import decided
 
 RADIUS = 40 / 256     # of the slice height: SliceAligner's default mask_margin
+WINDOW = 3            # locating: each query slice's match is averaged with +-WINDOW neighbouring slices
 _FEATURES: dict = {}
 _LOCK = threading.Lock()
 
@@ -53,6 +61,17 @@ def signed_distance(mask: np.ndarray) -> np.ndarray:
     return (ndimage.distance_transform_edt(mask) - ndimage.distance_transform_edt(~mask)).astype(np.float32)
 
 
+def on_grid(image, mask, shape) -> tuple[np.ndarray, np.ndarray]:
+    """A slice (H', W') and its mask -> float32 and bool (H, W) = `shape`, over the same extent (image
+    bilinear, mask nearest); unchanged when the sizes agree."""
+    image, mask = np.asarray(image, dtype=np.float32), np.asarray(mask, dtype=bool)
+    if image.shape == tuple(shape):
+        return image, mask
+    t = torch.from_numpy(np.stack([image, mask.astype(np.float32)]))[:, None]
+    img = F.interpolate(t[:1], size=tuple(shape), mode="bilinear", align_corners=False)[0, 0].numpy()
+    return img, F.interpolate(t[1:], size=tuple(shape), mode="nearest")[0, 0].numpy() > 0.5
+
+
 class AppearancePrior:
     """weight: of the place term (the app's default: PropagateOptions.appearance); size: slices resized
     to size x size for the backbone (features at size / 8); batch: slices per forward pass; memo: keep
@@ -62,15 +81,16 @@ class AppearancePrior:
     (lib.training.appearance; the evaluation's --features), None = ImageNet's (what the app serves)."""
 
     def __init__(self, weight: float, size: int = 256, batch: int = 16, device: str = "cpu", memo: bool = False,
-                 weights=None):
+                 weights=None, locate: bool = True):
         self.weight, self.size, self.batch, self.device = float(weight), int(size), int(batch), device
+        self.locate = bool(locate)
         self.weights = None if weights is None else str(weights)
         self._memo: dict[bytes, torch.Tensor] | None = {} if memo else None
 
     def describe(self) -> dict:
         source = "ImageNet" if self.weights is None else f"fine-tuned, {Path(self.weights).name}"
         info = {"appearance_weight": self.weight, "backbone": f"tf_efficientnet_lite2 ({source}, stride 8 + 16)",
-                "input_size": self.size, "radius": f"{RADIUS:.4f} of the slice height"}
+                "input_size": self.size, "radius": f"{RADIUS:.4f} of the slice height", "locate_support": self.locate}
         if self.weights is not None:
             info["backbone_sha256"] = hashlib.sha256(Path(self.weights).read_bytes()).hexdigest()
         return info
@@ -106,16 +126,52 @@ class AppearancePrior:
         logit = foreground_logit(self._embed(queries), protos)                     # (N, 1, h, w)
         return F.interpolate(logit, size=queries.shape[1:], mode="bilinear")[:, 0].float().cpu().numpy()
 
-    def fuse(self, queries, support_image, support_mask, place) -> np.ndarray:
-        """place: bool (N, H, W), the organ where the step put it -> bool (N, H, W) (module docstring)."""
+    @torch.inference_mode()
+    def supports(self, queries, support_image, support_mask, rows=None) -> tuple[np.ndarray, np.ndarray]:
+        """queries (N, H, W) in [0, 1] (consecutive slices), one support slice and its mask (H', W') ->
+        support images float32 (R, H, W) and masks bool (R, H, W) on the query grid for the R `rows`
+        (positions in `queries`; default all): located on each (module docstring), or the support repeated
+        when `locate` is off. Only the rows and their WINDOW neighbours go through the backbone; each row
+        gets what a call for all rows gives it. A row whose shift would move the whole organ out of the
+        slice keeps the support where it is."""
+        from lib.model.prototypes import match_offsets
+
+        queries = np.asarray(queries, dtype=np.float32)
+        n, h, w = queries.shape
+        rows = np.arange(n) if rows is None else np.asarray(rows, dtype=np.int64)
+        image, mask = on_grid(support_image, support_mask, (h, w))
+        images, masks = np.repeat(image[None], len(rows), 0), np.repeat(mask[None], len(rows), 0)
+        if not self.locate or not mask.any():
+            return images, masks
+        need = np.unique(np.clip(rows[:, None] + np.arange(-WINDOW, WINDOW + 1), 0, n - 1))
+        cells = torch.from_numpy(mask.astype(np.float32))[None, None]
+        cells = F.interpolate(cells, size=(self.size // 8, self.size // 8), mode="area").to(self.device)
+        offsets = match_offsets(self._embed(queries[need]), self._embed(image[None]), cells, window=WINDOW)
+        offsets = offsets.numpy()[np.searchsorted(need, rows)]
+        scale = np.array([h, w], dtype=np.float64) / (self.size // 8)
+        moved = {}
+        for i, (dy, dx) in enumerate(offsets):
+            key = (int(dy), int(dx))
+            if key not in moved:
+                shift = tuple(np.round(np.array(key) * scale).astype(int))
+                m = ndimage.shift(mask.astype(np.uint8), shift, order=0, mode="constant").astype(bool)
+                moved[key] = (ndimage.shift(image, shift, order=0, mode="nearest"), m) if m.any() else (image, mask)
+            images[i], masks[i] = moved[key]
+        return images, masks
+
+    def fuse(self, queries, support_image, support_mask, place, located=None) -> np.ndarray:
+        """place: bool (N, H, W), the organ where the step put it; located: the located support masks (N, H, W)
+        (`supports`) or None -> bool (N, H, W) (module docstring)."""
         from lib.model.prototypes import SCALE
 
         logit = self.logits(queries, support_image, support_mask)
         radius = RADIUS * logit.shape[1]
-        term = np.stack([signed_distance(p) for p in np.asarray(place, dtype=bool)]) / radius
-        return logit + self.weight * SCALE * term > 0
+        term = np.stack([signed_distance(p) for p in np.asarray(place, dtype=bool)])
+        if located is not None:
+            term = (term + np.stack([signed_distance(p) for p in np.asarray(located, dtype=bool)])) / 2
+        return logit + self.weight * SCALE * term / radius > 0
 
-    def fuse_probs(self, queries, support_image, support_mask, probs, threshold: float) -> np.ndarray:
+    def fuse_probs(self, queries, support_image, support_mask, probs, threshold: float, located=None) -> np.ndarray:
         """`fuse` for a step's probabilities (N, H, W): kept pixels at least just above `threshold`, others 0."""
         probs = np.asarray(probs, dtype=np.float32)
-        return decided(probs, self.fuse(queries, support_image, support_mask, probs > threshold), threshold)
+        return decided(probs, self.fuse(queries, support_image, support_mask, probs > threshold, located), threshold)

@@ -121,8 +121,9 @@ def propagate(model, image, support_label, options: PropagateOptions, support_im
         starts there. options.gate: inside one volume against the annotation; across volumes only in a
         chain, against the seed result (each volume has its own intensity scale). A model whose config
         has `align_support = "registration"` gets every support registered onto its query slice first.
-        options.appearance > 0: across volumes, every query slice is segmented from the other volume's
-        support and fused with pretrained appearance (lib.pipeline.appearance), in place of the seeded
+        options.appearance > 0: across volumes, the other volume's support is located on every query
+        slice, each slice is segmented from its located support and fused with pretrained appearance
+        (lib.pipeline.appearance; options.locate off: the support as it is), in place of the seeded
         chain (fusing a chain's seed and walking from it measured 9 points worse, docs/evaluation.md).
     slices: the query slice indices wanted (default all); the others stay 0. Chained walks always walk
         their whole range, so a wanted slice gets exactly what a full run gives it.
@@ -150,8 +151,8 @@ def propagate(model, image, support_label, options: PropagateOptions, support_im
         wanted = np.setdiff1d(wanted, copied)
     aligner = support_aligner(getattr(model.config, "align_support", "none"))
     step = Step(model, options.threshold, aligner.align if aligner is not None else None, options.batch_size)
-    prior = None if same or not options.appearance else AppearancePrior(options.appearance, device=str(model.device),
-                                                                          memo=True)   # organs share slices
+    prior = None if same or not options.appearance else AppearancePrior(
+        options.appearance, device=str(model.device), memo=True, locate=options.locate)   # organs share slices
     probs = {v: np.zeros(q.shape, dtype=np.float32) for v in organs}     # (Z, H, W) per organ
     agree = {v: np.full(n_query, np.nan, dtype=np.float32) for v in organs}   # per-step agreement (walk.chain)
     source = {v: np.full(n_query, -1, dtype=np.int64) for v in organs}       # serving annotated slice, same volume
@@ -188,10 +189,13 @@ def propagate(model, image, support_label, options: PropagateOptions, support_im
                 _, p = seeded_chain(step, q[lo:hi + 1], seed, s[z_s], mask[z_s],
                                     chain_gate if options.gate else None)
                 probs[value][targets] = p[targets - lo]
+            elif prior is not None:   # located supports, the step from each, fused with appearance
+                images, masks = prior.supports(q[targets], s[z_s], mask[z_s], np.searchsorted(targets, mine))
+                p = step.pairs(q[mine], images, masks)[0]
+                probs[value][mine] = prior.fuse_probs(q[mine], s[z_s], mask[z_s], p, step.threshold,
+                                                      masks if prior.locate else None)
             else:
                 p = step.shared(q[mine], s[z_s], mask[z_s])
-                if prior is not None:
-                    p = prior.fuse_probs(q[mine], s[z_s], mask[z_s], p, step.threshold)
                 if options.gate and same:
                     gated = intensity_gate(q[mine], p > options.threshold, s[z_s][None], mask[z_s][None])
                     p = np.where(gated, p, 0.0)
