@@ -18,7 +18,8 @@ appearance: the organ-vs-background prototype logit on EfficientNet-Lite2 featur
 signed distance in pixels (positive inside) over `radius` = the registration's metric margin (40 px
 at 256, lib.transforms.align); with a located support, the mean of the signed distances to the step's
 mask and to the located support mask (the two places the step and the features give). At weight 0.25
-a pixel one radius outside the placed organ needs an appearance logit of 5 to be kept, one radius inside it is kept unless the logit is below -5.
+a pixel one radius outside the placed organ needs an appearance logit of 5 to be kept, one radius
+inside it is kept unless the logit is below -5.
 `weight` and the locating were chosen on fold 0 of both datasets (docs/evaluation.md).
 """
 from __future__ import annotations
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from lib.pipeline.step import decided
+from lib.transforms.align import to_grid
 
 RADIUS = 40 / 256     # of the slice height: SliceAligner's default mask_margin
 WINDOW = 3            # locating: each query slice's match is averaged with +-WINDOW neighbouring slices
@@ -59,17 +61,6 @@ def signed_distance(mask: np.ndarray) -> np.ndarray:
     if not mask.any():
         return np.full(mask.shape, -np.inf, dtype=np.float32)
     return (ndimage.distance_transform_edt(mask) - ndimage.distance_transform_edt(~mask)).astype(np.float32)
-
-
-def on_grid(image, mask, shape) -> tuple[np.ndarray, np.ndarray]:
-    """A slice (H', W') and its mask -> float32 and bool (H, W) = `shape`, over the same extent (image
-    bilinear, mask nearest); unchanged when the sizes agree."""
-    image, mask = np.asarray(image, dtype=np.float32), np.asarray(mask, dtype=bool)
-    if image.shape == tuple(shape):
-        return image, mask
-    t = torch.from_numpy(np.stack([image, mask.astype(np.float32)]))[:, None]
-    img = F.interpolate(t[:1], size=tuple(shape), mode="bilinear", align_corners=False)[0, 0].numpy()
-    return img, F.interpolate(t[1:], size=tuple(shape), mode="nearest")[0, 0].numpy() > 0.5
 
 
 class AppearancePrior:
@@ -139,7 +130,7 @@ class AppearancePrior:
         queries = np.asarray(queries, dtype=np.float32)
         n, h, w = queries.shape
         rows = np.arange(n) if rows is None else np.asarray(rows, dtype=np.int64)
-        image, mask = on_grid(support_image, support_mask, (h, w))
+        image, mask = to_grid(support_image, support_mask, (h, w))
         images, masks = np.repeat(image[None], len(rows), 0), np.repeat(mask[None], len(rows), 0)
         if not self.locate or not mask.any():
             return images, masks

@@ -95,7 +95,7 @@ class SliceAligner:
         if image.shape != mask.shape:
             raise ValueError(f"alignment needs the support image and mask on one slice grid: {image.shape}, {mask.shape}")
         if query.shape != image.shape:   # another volume's slice size: onto the query's grid first
-            image, mask = self.to_grid(image, mask, query.shape)
+            image, mask = to_grid(image, mask, query.shape)
         try:
             tx = self.register(query, image, mask)
         except RuntimeError:
@@ -110,20 +110,6 @@ class SliceAligner:
             self.failures += 1
         return image, mask
 
-    def to_grid(self, image: np.ndarray, mask: np.ndarray, shape) -> tuple[np.ndarray, np.ndarray]:
-        """A support slice and mask of another size -> resampled to `shape` (H, W) over the same extent
-        (image linear, mask nearest)."""
-        sitk = self.sitk
-        src = sitk.GetImageFromArray(np.ascontiguousarray(image, dtype=np.float32))
-        src.SetSpacing((shape[1] / image.shape[1], shape[0] / image.shape[0]))
-        src.SetOrigin(tuple(0.5 * s - 0.5 for s in src.GetSpacing()))
-        ref = sitk.Image(int(shape[1]), int(shape[0]), sitk.sitkFloat32)
-        out = sitk.Resample(src, ref, sitk.Transform(), sitk.sitkLinear, 0.0)
-        src_mask = sitk.GetImageFromArray(mask.astype(np.uint8))
-        src_mask.CopyInformation(src)
-        out_mask = sitk.Resample(src_mask, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
-        return sitk.GetArrayFromImage(out).astype(np.float32), sitk.GetArrayFromImage(out_mask).astype(bool)
-
     def warp_mask(self, query: np.ndarray, support_image: np.ndarray, support_mask: np.ndarray) -> np.ndarray:
         """The support mask registered onto the query: bool (H, W) (the registration baseline)."""
         return self.align(query, support_image, support_mask)[1]
@@ -132,6 +118,25 @@ class SliceAligner:
         """A training episode (lib.transforms.augment) with its support image and mask aligned to its query."""
         image, mask = self.align(episode["query_image"], episode["support_image"], episode["support_mask"] > 0.5)
         return dict(episode, support_image=image, support_mask=mask.astype(np.float32))
+
+
+def to_grid(image: np.ndarray, mask: np.ndarray, shape) -> tuple[np.ndarray, np.ndarray]:
+    """A support slice and mask of another size -> float32 and bool resampled to `shape` (H, W) over the
+    same extent (image linear, mask nearest); unchanged (as arrays) when the sizes agree."""
+    import SimpleITK as sitk
+
+    image, mask = np.asarray(image, dtype=np.float32), np.asarray(mask).astype(bool)
+    if image.shape == tuple(shape):
+        return image, mask
+    src = sitk.GetImageFromArray(np.ascontiguousarray(image))
+    src.SetSpacing((shape[1] / image.shape[1], shape[0] / image.shape[0]))
+    src.SetOrigin(tuple(0.5 * s - 0.5 for s in src.GetSpacing()))
+    ref = sitk.Image(int(shape[1]), int(shape[0]), sitk.sitkFloat32)
+    out = sitk.Resample(src, ref, sitk.Transform(), sitk.sitkLinear, 0.0)
+    src_mask = sitk.GetImageFromArray(mask.astype(np.uint8))
+    src_mask.CopyInformation(src)
+    out_mask = sitk.Resample(src_mask, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    return sitk.GetArrayFromImage(out).astype(np.float32), sitk.GetArrayFromImage(out_mask).astype(bool)
 
 
 def support_aligner(name: str, **params) -> SliceAligner | None:
