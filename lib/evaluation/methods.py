@@ -102,9 +102,12 @@ class RegistrationMethod(ArrayMethod):
                 **(self.prior.describe() if self.prior else {"appearance_weight": 0.0})}
 
     def segment(self, query, support_image, support_mask) -> np.ndarray:
-        moving = np.asarray(support_image[0], dtype=np.float32)
-        mask = np.asarray(support_mask[0]).astype(bool)
-        return np.stack([self.aligner.warp_mask(fixed, moving, mask) for fixed in np.asarray(query, dtype=np.float32)])
+        """query (N, H, W); support image and mask (1, H', W') for all, or (N, H', W') one per query."""
+        query = np.asarray(query, dtype=np.float32)
+        images = np.broadcast_to(np.asarray(support_image, dtype=np.float32), (len(query),) + support_image.shape[1:])
+        masks = np.broadcast_to(np.asarray(support_mask).astype(bool), (len(query),) + support_mask.shape[1:])
+        return np.stack([self.aligner.warp_mask(fixed, moving, mask)
+                         for fixed, moving, mask in zip(query, images, masks)])
 
     def run_group(self, dataset, job, group) -> np.ndarray:
         """Chained (`chain`) when support and queries are one volume; else every query from the support
@@ -112,8 +115,7 @@ class RegistrationMethod(ArrayMethod):
         if group.support != job.query and self.prior is not None:
             query, image, mask = arrays = self._arrays(dataset, job, group)
             images, masks = self.prior.supports(query, image[0], mask[0])
-            placed = np.stack([self.aligner.warp_mask(q, i, m) for q, i, m in zip(query, images, masks)])
-            fused = self.prior.fuse(query, image[0], mask[0], placed, masks if self.prior.locate else None)
+            fused = self.prior.fuse(query, image[0], mask[0], self.segment(query, images, masks), masks)
             return self.gated(fused, dataset, job, group, arrays)
         if not self.chain or group.support != job.query:
             return super().run_group(dataset, job, group)

@@ -152,13 +152,14 @@ class AppearancePrior:
 
     def fuse(self, queries, support_image, support_mask, place, located=None) -> np.ndarray:
         """place: bool (N, H, W), the organ where the step put it; located: the located support masks (N, H, W)
-        (`supports`) or None -> bool (N, H, W) (module docstring)."""
+        (`supports`), a second place unless `locate` is off (then the support where it was: no place of
+        its own) -> bool (N, H, W) (module docstring)."""
         from lib.model.prototypes import SCALE
 
         logit = self.logits(queries, support_image, support_mask)
         radius = RADIUS * logit.shape[1]
         term = np.stack([signed_distance(p) for p in np.asarray(place, dtype=bool)])
-        if located is not None:
+        if located is not None and self.locate:
             term = (term + np.stack([signed_distance(p) for p in np.asarray(located, dtype=bool)])) / 2
         return logit + self.weight * SCALE * term / radius > 0
 

@@ -192,8 +192,7 @@ def propagate(model, image, support_label, options: PropagateOptions, support_im
             elif prior is not None:   # located supports, the step from each, fused with appearance
                 images, masks = prior.supports(q[targets], s[z_s], mask[z_s], np.searchsorted(targets, mine))
                 p = step.pairs(q[mine], images, masks)[0]
-                probs[value][mine] = prior.fuse_probs(q[mine], s[z_s], mask[z_s], p, step.threshold,
-                                                      masks if prior.locate else None)
+                probs[value][mine] = prior.fuse_probs(q[mine], s[z_s], mask[z_s], p, step.threshold, masks)
             else:
                 p = step.shared(q[mine], s[z_s], mask[z_s])
                 if options.gate and same:

@@ -115,14 +115,14 @@ def lr_factor(i: int, iterations: int, warmup: int) -> float:
 
 
 def _step(features, optimizer, schedule, b: dict, running: float | None) -> float:
-    """One optimiser step on batch `b` -> the running (exponentially averaged) loss."""
-    loss = episode_loss(features, b["support_image"], b["support_mask"], b["query_image"], b["query_mask"])
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(features.parameters(), 1.0)
-    optimizer.step()
+    """One optimiser step on batch `b` (lib.training.loop.step: backward, clipping at 1, AdamW), then the
+    schedule -> the running (exponentially averaged) loss."""
+    from lib.training.loop import step
+
+    loss = step(lambda e: episode_loss(features, e["support_image"], e["support_mask"], e["query_image"],
+                                       e["query_mask"]), optimizer, b, grad_clip=1.0)
     schedule.step()
-    return loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
+    return loss if running is None else 0.95 * running + 0.05 * loss
 
 
 def main(argv=None) -> int:
