@@ -45,6 +45,30 @@ def test_fusion_moves_a_misplaced_organ_onto_the_tissue_that_looks_like_it():
     assert not AppearancePrior(0.25).fuse(query[None], support, s_mask, np.zeros_like(place)).any()
 
 
+def test_the_steps_place_counts_only_where_it_agrees_with_the_located_support():
+    """With a located support, the place term is the mean of both signed distances where the step's
+    mask overlaps the located one (Dice >= AGREE), the located support's alone where it does not, and
+    nothing where the step found nothing. A huge weight shows the place term itself."""
+    from lib.pipeline.appearance import AGREE
+    from lib.pipeline.confidence import dice
+
+    rng = np.random.default_rng(0)
+    support, s_mask = _slice((60, 60), rng)
+    query, truth = _slice((64, 70), rng)
+    prior = AppearancePrior(1000.0)
+    near, far = np.roll(truth, 4, axis=1), np.roll(truth, 50, axis=0)
+    assert dice(near, truth) >= AGREE > dice(far, truth)
+    place, located = np.stack([near, far, np.zeros_like(truth)]), np.stack([truth] * 3)
+    fused = prior.fuse(np.stack([query] * 3), support, s_mask, place, located)
+    mean = (signed_distance(near) + signed_distance(truth)) / 2          # pixels at 0: appearance decides
+    assert fused[0][mean > 0].all() and not fused[0][mean < 0].any()
+    assert (fused[0] != truth).any() and (fused[0] != near).any()
+    np.testing.assert_array_equal(fused[1], truth)       # the step went astray: the located support alone
+    assert not fused[2].any()                              # the step found nothing: nothing
+    unlocated = AppearancePrior(1000.0, locate=False).fuse(np.stack([query] * 3), support, s_mask, place, located)
+    np.testing.assert_array_equal(unlocated, place)       # locating off: the step's place alone
+
+
 def test_propagation_across_volumes_fuses_each_result_and_the_seed_of_a_chain():
     """Across volumes every slice's result goes through the fusion, chained or not (the fused slices
     replace the seeded chain); inside one volume the option changes nothing."""

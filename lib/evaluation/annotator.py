@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lib.pipeline import propagate
+from lib.pipeline.confidence import dice
 
 
 @dataclass
@@ -60,11 +61,6 @@ def annotation(case: Case, chosen: dict[int, list[int]]) -> np.ndarray:
 def segment(model, options, case: Case, chosen: dict[int, list[int]], cache: dict | None = None):
     """-> the app's PropagationResult for the annotation `chosen` (cache: propagate's walks_cache)."""
     return propagate(model, case.image, annotation(case, chosen), options, normalized=True, walks_cache=cache)
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
 
 
 def organ_dice(case: Case, label: np.ndarray, lid: int) -> float:

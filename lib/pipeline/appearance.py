@@ -17,10 +17,12 @@ appearance: the organ-vs-background prototype logit on EfficientNet-Lite2 featur
 (lib.model.prototypes, ALPNet's local background prototypes); place: the mask the step gives, its
 signed distance in pixels (positive inside) over `radius` = the registration's metric margin (40 px
 at 256, lib.transforms.align); with a located support, the mean of the signed distances to the step's
-mask and to the located support mask (the two places the step and the features give). At weight 0.25
+mask and to the located support mask (the two places the step and the features give) where the two
+overlap (Dice >= AGREE), the located support's alone where they do not (across patients the step,
+registration first, sometimes drifts off the organ), and no place where the step found nothing. At weight 0.25
 a pixel one radius outside the placed organ needs an appearance logit of 5 to be kept, one radius
 inside it is kept unless the logit is below -5.
-`weight` and the locating were chosen on fold 0 of both datasets (docs/evaluation.md).
+`weight`, the locating and AGREE were chosen on fold 0 of both datasets (docs/evaluation.md).
 """
 from __future__ import annotations
 
@@ -33,11 +35,13 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from lib.pipeline.confidence import dice
 from lib.pipeline.step import decided
 from lib.transforms.align import to_grid
 
 RADIUS = 40 / 256     # of the slice height: SliceAligner's default mask_margin
 WINDOW = 3            # locating: each query slice's match is averaged with +-WINDOW neighbouring slices
+AGREE = 0.4           # the step's place counts only where it overlaps the located support at least this (Dice)
 _FEATURES: dict = {}
 _LOCK = threading.Lock()
 
@@ -153,14 +157,19 @@ class AppearancePrior:
     def fuse(self, queries, support_image, support_mask, place, located=None) -> np.ndarray:
         """place: bool (N, H, W), the organ where the step put it; located: the located support masks (N, H, W)
         (`supports`), a second place unless `locate` is off (then the support where it was: no place of
-        its own) -> bool (N, H, W) (module docstring)."""
+        its own) -> bool (N, H, W). Per slice, the place term is both places' where they agree (Dice >=
+        AGREE), the located one's where they do not, none where the step's mask is empty (module docstring)."""
         from lib.model.prototypes import SCALE
 
         logit = self.logits(queries, support_image, support_mask)
         radius = RADIUS * logit.shape[1]
-        term = np.stack([signed_distance(p) for p in np.asarray(place, dtype=bool)])
+        place = np.asarray(place, dtype=bool)
+        term = np.stack([signed_distance(p) for p in place])
         if located is not None and self.locate:
-            term = (term + np.stack([signed_distance(p) for p in np.asarray(located, dtype=bool)])) / 2
+            located = np.asarray(located, dtype=bool)
+            both = np.array([not p.any() or dice(p, m) >= AGREE for p, m in zip(place, located)])
+            near = np.stack([signed_distance(m) for m in located])
+            term = np.where(both[:, None, None], (term + near) / 2, near)
         return logit + self.weight * SCALE * term / radius > 0
 
     def fuse_probs(self, queries, support_image, support_mask, probs, threshold: float, located=None) -> np.ndarray:

@@ -14,6 +14,12 @@ from __future__ import annotations
 import numpy as np
 
 
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice of two bool masks of one shape; two empty masks agree (1.0)."""
+    total = int(a.sum()) + int(b.sum())
+    return 2.0 * int(np.logical_and(a, b).sum()) / total if total else 1.0
+
+
 def cumulative(agreement: np.ndarray, source: np.ndarray) -> np.ndarray:
     """agreement (Z,) per-step Dice (NaN: not reached), source (Z,) the annotated slice serving each
     slice (-1: none) -> (Z,) product of the agreements from the source to each slice (NaN where the walk
