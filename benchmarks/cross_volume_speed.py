@@ -36,9 +36,10 @@ def main(argv=None) -> dict:
     s_image, s_ann, _, _, _, _ = ct_case(args.data, args.support, args.slices)
     model = load_checkpoint(APP / "model").eval()
     rec = {"device_name": device_name(torch.device("cpu")), "load_average": load_average(), "runs": {}}
+    default = PropagateOptions.appearance   # the app's
     for name, weight, locate in (("seeded chain (appearance 0)", 0.0, True),
-                                 ("every slice fused, not located", 0.25, False),
-                                 ("located, every slice fused (appearance 0.25)", 0.25, True)):
+                                 ("every slice fused, not located", default, False),
+                                 (f"located, every slice fused (appearance {default:g})", default, True)):
         options = PropagateOptions.for_model(model, appearance=weight, locate=locate)
         best = None
         for _ in range(args.repeats):

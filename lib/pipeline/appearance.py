@@ -19,9 +19,9 @@ signed distance in pixels (positive inside) over `radius` = the registration's m
 at 256, lib.transforms.align); with a located support, the mean of the signed distances to the step's
 mask and to the located support mask (the two places the step and the features give) where the two
 overlap (Dice >= AGREE), the located support's alone where they do not (across patients the step,
-registration first, sometimes drifts off the organ), and no place where the step found nothing. At weight 0.25
-a pixel one radius outside the placed organ needs an appearance logit of 5 to be kept, one radius
-inside it is kept unless the logit is below -5.
+registration first, sometimes drifts off the organ), and no place where the step found nothing. At weight 0.35
+(the app's default) a pixel one radius outside the placed organ needs an appearance logit of 7 to be kept,
+one radius inside it is kept unless the logit is below -7.
 `weight`, the locating and AGREE were chosen on fold 0 of both datasets (docs/evaluation.md).
 """
 from __future__ import annotations

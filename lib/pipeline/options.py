@@ -15,7 +15,7 @@ class PropagateOptions:
     from the annotation; gate: intensity gate (lib.transforms.postprocess); largest: keep each organ's
     largest 3D connected component; appearance: across volumes, the weight of the place term when each
     result from another volume's support is fused with pretrained appearance (lib.pipeline.appearance;
-    0 = off; 0.25 chosen on fold 0 of both datasets, docs/evaluation.md); locate: with appearance, move
+    0 = off; 0.35 chosen on fold 0 of both datasets, docs/evaluation.md); locate: with appearance, move
     the other volume's support onto each query slice by feature template matching first (off: the
     support where it is, for ablations)."""
 
@@ -25,7 +25,7 @@ class PropagateOptions:
     chain: bool = True
     gate: bool = True
     largest: bool = True
-    appearance: float = 0.25
+    appearance: float = 0.35
     locate: bool = True
 
     def __post_init__(self):
