@@ -41,6 +41,7 @@ from lib.transforms.align import to_grid
 
 RADIUS = 40 / 256     # of the slice height: SliceAligner's default mask_margin
 WINDOW = 3            # locating: each query slice's match is averaged with +-WINDOW neighbouring slices
+REACH = 80 / 256      # locating: the farthest shift, of the slice height
 AGREE = 0.4           # the step's place counts only where it overlaps the located support at least this (Dice)
 _FEATURES: dict = {}
 _LOCK = threading.Lock()
@@ -69,13 +70,13 @@ def signed_distance(mask: np.ndarray) -> np.ndarray:
 
 class AppearancePrior:
     """weight: of the place term (the app's default: PropagateOptions.appearance); size: slices resized
-    to size x size for the backbone (features at size / 8); batch: slices per forward pass; memo: keep
-    each slice's features for the life of this object (one request: several organs fuse on the same
-    query slices and often share their support slice, which then go through the backbone once;
-    about 0.7 MB a slice); weights: a fine-tuned trunk of the backbone
+    to size x size for the backbone (features at size / 8; 384 chosen on fold 0, docs/evaluation.md);
+    batch: slices per forward pass; memo: keep each slice's features for the life of this object (one
+    request: several organs fuse on the same query slices and often share their support slice, which
+    then go through the backbone once; about 1.5 MB a slice at 384); weights: a fine-tuned trunk of the backbone
     (lib.training.appearance; the evaluation's --features), None = ImageNet's (what the app serves)."""
 
-    def __init__(self, weight: float, size: int = 256, batch: int = 16, device: str = "cpu", memo: bool = False,
+    def __init__(self, weight: float, size: int = 384, batch: int = 16, device: str = "cpu", memo: bool = False,
                  weights=None, locate: bool = True):
         self.weight, self.size, self.batch, self.device = float(weight), int(size), int(batch), device
         self.locate = bool(locate)
@@ -141,7 +142,8 @@ class AppearancePrior:
         need = np.unique(np.clip(rows[:, None] + np.arange(-WINDOW, WINDOW + 1), 0, n - 1))
         cells = torch.from_numpy(mask.astype(np.float32))[None, None]
         cells = F.interpolate(cells, size=(self.size // 8, self.size // 8), mode="area").to(self.device)
-        offsets = match_offsets(self._embed(queries[need]), self._embed(image[None]), cells, window=WINDOW)
+        offsets = match_offsets(self._embed(queries[need]), self._embed(image[None]), cells,
+                                reach=round(REACH * self.size / 8), window=WINDOW)
         offsets = offsets.numpy()[np.searchsorted(need, rows)]
         scale = np.array([h, w], dtype=np.float64) / (self.size // 8)
         moved = {}
