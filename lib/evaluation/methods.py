@@ -94,7 +94,8 @@ class RegistrationMethod(ArrayMethod):
         super().__init__(gate)
         self.aligner = SliceAligner(threads=threads, **params)
         self.chain = chain
-        self.prior = AppearancePrior(appearance, device=device, weights=features, locate=locate) if appearance else None
+        self._prior = dict(weight=appearance, device=device, weights=features, locate=locate)
+        self.prior = AppearancePrior(**self._prior) if appearance else None
 
     def describe(self) -> dict:
         return {"method": self.name, **self.aligner.params, "chain": self.chain, "intensity_gate": self.gate,
@@ -113,9 +114,12 @@ class RegistrationMethod(ArrayMethod):
         """Chained (`chain`) when support and queries are one volume; else every query from the support
         (fused with appearance across volumes when `appearance` is set)."""
         if group.support != job.query and self.prior is not None:
+            from lib.pipeline.appearance import AppearancePrior
+
+            prior = AppearancePrior(**self._prior, memo=True)   # locating and fusing share the group's features
             query, image, mask = arrays = self._arrays(dataset, job, group)
-            images, masks = self.prior.supports(query, image[0], mask[0])
-            fused = self.prior.fuse(query, image[0], mask[0], self.segment(query, images, masks), masks)
+            images, masks = prior.supports(query, image[0], mask[0])
+            fused = prior.fuse(query, image[0], mask[0], self.segment(query, images, masks), masks)
             return self.gated(fused, dataset, job, group, arrays)
         if not self.chain or group.support != job.query:
             return super().run_group(dataset, job, group)
