@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from lib.pipeline.appearance import AppearancePrior, signed_distance
+from lib.pipeline.appearance import AppearancePrior
+from lib.pipeline.refine import signed_distance, with_intensities
 
 
 def _dice(a, b) -> float:
@@ -39,7 +40,7 @@ def test_fusion_moves_a_misplaced_organ_onto_the_tissue_that_looks_like_it():
     place = np.roll(truth, 12, axis=1)[None]
     fused = AppearancePrior(0.25).fuse(query[None], support, s_mask, place)
     assert _dice(fused[0], truth) > _dice(place[0], truth) + 0.1
-    alone = AppearancePrior(0.0).fuse(query[None], support, s_mask, place)
+    alone = AppearancePrior(0.0, intensity=False).fuse(query[None], support, s_mask, place)
     np.testing.assert_array_equal(alone, AppearancePrior(0.25).logits(query[None], support, s_mask) > 0)
     np.testing.assert_array_equal(AppearancePrior(1000.0).fuse(query[None], support, s_mask, place), place)
     assert not AppearancePrior(0.25).fuse(query[None], support, s_mask, np.zeros_like(place)).any()
@@ -67,6 +68,44 @@ def test_the_steps_place_counts_only_where_it_agrees_with_the_located_support():
     assert not fused[2].any()                              # the step found nothing: nothing
     unlocated = AppearancePrior(1000.0, locate=False).fuse(np.stack([query] * 3), support, s_mask, place, located)
     np.testing.assert_array_equal(unlocated, place)       # locating off: the step's place alone
+
+
+def test_intensity_log_odds_favour_the_organs_values_over_its_surroundings():
+    from lib.transforms.intensity import log_odds_at, organ_log_odds
+
+    rng = np.random.default_rng(0)
+    image, organ = _slice((60, 60), rng)
+    image = np.where(organ, 0.7, image).astype(np.float32)
+    table = organ_log_odds(image, organ, ring=10)
+    assert table.shape == (32,) and table.dtype == np.float32
+    odds = log_odds_at(table, image)
+    assert (odds[organ] > 2).all() and (odds[(~organ) & (np.abs(image - 0.35) < 0.05)] < -2).all()
+    stack = organ_log_odds(np.stack([image, image]), np.stack([organ, np.zeros_like(organ)]), ring=10)
+    np.testing.assert_array_equal(stack, table)                  # a slice without organ adds no band
+    with pytest.raises(ValueError, match="shape"):
+        organ_log_odds(image, organ[:10], ring=10)
+
+
+def test_intensity_trims_an_overgrown_place_to_the_querys_own_organ():
+    """The place overshoots the organ by 6 px, and this patient's organ has the values that surround
+    the organ on the support slice (a bright halo there): the support's log-odds cut into the organ,
+    the query's own (from that first mask) cut the mask back to the organ's edge."""
+    from scipy import ndimage
+
+    from lib.transforms.intensity import log_odds_at, organ_log_odds
+
+    rng = np.random.default_rng(0)
+    support, s_mask = _slice((60, 60), rng)
+    halo = np.abs(ndimage.distance_transform_edt(~s_mask) - 7) <= 3
+    support = np.where(s_mask, 0.55, np.where(halo, 0.8, support)).astype(np.float32)
+    query, truth = _slice((64, 70), rng)
+    query = np.where(truth, 0.8, query).astype(np.float32)
+    grown = ndimage.binary_dilation(truth, iterations=6)
+    logit = 0.2 * signed_distance(grown)[None]
+    first = logit + log_odds_at(organ_log_odds(support, s_mask, 20), query[None]) > 0
+    assert _dice(first[0], truth) < 0.9                           # the support's intensities: misled
+    fused = with_intensities(logit, query[None], support, s_mask)
+    assert _dice(fused[0], truth) > 0.97
 
 
 def test_propagation_across_volumes_fuses_each_result_and_the_seed_of_a_chain():
@@ -159,6 +198,30 @@ def test_located_rows_are_those_of_a_full_call_from_their_neighbours_alone():
     full_images, full_masks = AppearancePrior(0.25).supports(queries, support, s_mask)
     np.testing.assert_array_equal(masks, full_masks[[0, 9]])
     np.testing.assert_array_equal(images, full_images[[0, 9]])
+
+
+def test_fused_rows_are_those_of_a_full_call_from_their_neighbours_alone():
+    """The query's intensity statistics of a slice come from its +-WINDOW neighbours: fusing rows 0 and 9
+    of 10 slices from their neighbourhoods (positions given) gives what fusing all 10 gives them, and
+    they differ from statistics over all 10 slices at once (the organ's values drift along the stack)."""
+    from lib.pipeline.appearance import WINDOW
+
+    rng = np.random.default_rng(5)
+    support, s_mask = _slice((60, 60), rng)
+    queries, truths = zip(*[_slice((62, 64), rng) for _ in range(10)])
+    queries = np.stack([np.where(t, q - 0.04 * z, q) for z, (q, t) in enumerate(zip(queries, truths))])
+    place = np.stack([np.roll(t, 6, axis=1) for t in truths])
+    prior = AppearancePrior(0.25)
+    near = prior.neighbourhood([0, 9], 10)
+    assert near.tolist() == [0, 1, 2, 3, 6, 7, 8, 9] and WINDOW == 3
+    full = prior.fuse(queries, support, s_mask, place)
+    part = prior.fuse(queries[near], support, s_mask, place[near], positions=near)
+    np.testing.assert_array_equal(part[[0, -1]], full[[0, 9]])
+    from lib.pipeline.refine import place_logit, signed_distance, with_intensities
+
+    logit = prior.logits(queries, support, s_mask) + place_logit(np.stack([signed_distance(p) for p in place]), 0.25)
+    np.testing.assert_array_equal(with_intensities(logit, queries, support, s_mask, window=WINDOW), full)
+    assert (with_intensities(logit, queries, support, s_mask) != full).any()
 
 
 def test_memo_passes_each_slice_through_the_backbone_once():

@@ -52,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-locate", dest="locate", action="store_false",
                    help="with --appearance: fuse from the support where it is, without first moving it onto each "
                         "query slice by feature template matching (the app locates; for ablations)")
+    p.add_argument("--no-intensity", dest="intensity", action="store_false",
+                   help="without the intensity log-odds of the annotated organ and the query's own (lib.pipeline.refine): "
+                        "in the --appearance fusion, and on sdfsmis's --chain inside one volume (the app uses "
+                        "them; for ablations)")
     p.add_argument("--features", metavar="FILE",
                    help="prototype, registration: a fine-tuned appearance backbone (`python -m lib.train_appearance`) "
                         "instead of ImageNet's")
@@ -106,6 +110,9 @@ def _method_factory(args, dataset_name: str):
         raise ProtocolError("--features with --method registration needs --appearance W (the fusion it feeds)")
     if not args.locate and not args.appearance:
         raise ProtocolError("--no-locate changes the --appearance fusion; use it with --appearance W")
+    if not args.intensity and not (args.appearance or (args.method == "sdfsmis" and args.chain)):
+        raise ProtocolError("--no-intensity changes the --appearance fusion or sdfsmis's --chain inside one volume; "
+                            "use it with one of them")
     if args.features and not Path(args.features).is_file():
         raise ProtocolError(f"--features {args.features}: no such file")
     if args.server:
@@ -128,7 +135,7 @@ def _method_factory(args, dataset_name: str):
     if args.method == "registration":
         method = RegistrationMethod(threads=args.threads, chain=args.chain, gate=args.gate,
                                     appearance=args.appearance, device=args.device, features=args.features,
-                                    locate=args.locate)
+                                    locate=args.locate, intensity=args.intensity)
         return (lambda fold: method), False
     if bool(args.checkpoint) == bool(args.preset):
         raise ProtocolError("--method sdfsmis needs exactly one of --checkpoint, --preset or --server")
@@ -139,7 +146,7 @@ def _method_factory(args, dataset_name: str):
 
         options = PropagateOptions.for_model(model, batch_size=args.batch_size, chain=args.chain, gate=args.gate,
                                              largest=not args.all_components, appearance=args.appearance,
-                                             locate=args.locate)
+                                             locate=args.locate, intensity=args.intensity)
         return SDFSMISMethod(model, options, info)
 
     if args.preset:

@@ -80,21 +80,21 @@ class RegistrationMethod(ArrayMethod):
     annotated slice and warp that neighbour's result, walking outward one slice at a time
     (lib.pipeline.walk.walk); with the gate on, each step's result is gated before it is carried on.
     `appearance` > 0: across volumes, the support is first located on each query slice (`locate`), then
-    registered, and each warped mask is fused with pretrained appearance (lib.pipeline.appearance, that
-    weight; `features`: a fine-tuned backbone, None = ImageNet's).
+    registered, and each warped mask is fused with pretrained appearance and intensity (lib.pipeline.appearance,
+    that weight; `features`: a fine-tuned backbone, None = ImageNet's; `intensity` off: without intensity).
     """
 
     name = "registration"
 
     def __init__(self, threads: int = 1, chain: bool = False, gate: bool = False, appearance: float = 0.0,
-                 device: str = "cpu", features=None, locate: bool = True, **params):
+                 device: str = "cpu", features=None, locate: bool = True, intensity: bool = True, **params):
         from lib.pipeline.appearance import AppearancePrior
         from lib.transforms.align import SliceAligner
 
         super().__init__(gate)
         self.aligner = SliceAligner(threads=threads, **params)
         self.chain = chain
-        self._prior = dict(weight=appearance, device=device, weights=features, locate=locate)
+        self._prior = dict(weight=appearance, device=device, weights=features, locate=locate, intensity=intensity)
         self.prior = AppearancePrior(**self._prior) if appearance else None
 
     def describe(self) -> dict:
@@ -158,7 +158,7 @@ class SDFSMISMethod(ArrayMethod):
                 "largest_component": self.options.largest, "intensity_gate": self.options.gate,
                 "threshold": self.options.threshold, "merge": self.options.merge,
                 "align_support": self.model.config.align_support, "appearance_weight": self.options.appearance,
-                "locate_support": self.options.locate,
+                "locate_support": self.options.locate, "intensity_log_odds": self.options.intensity,
                 **self.info}
 
     def run_group(self, dataset, job, group) -> np.ndarray:

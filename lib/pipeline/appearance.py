@@ -22,7 +22,12 @@ overlap (Dice >= AGREE), the located support's alone where they do not (across p
 registration first, sometimes drifts off the organ), and no place where the step found nothing. At weight 0.35
 (the app's default) a pixel one radius outside the placed organ needs an appearance logit of 7 to be kept,
 one radius inside it is kept unless the logit is below -7.
-`weight`, the locating and AGREE were chosen on fold 0 of both datasets (docs/evaluation.md).
+
+Last (`intensity`), the intensity log-odds of the annotated organ, then of the query's own
+(lib.pipeline.refine.with_intensities): the features see the organ at 1/8 of the slice's resolution,
+intensity draws its edge to the pixel.
+`weight`, the locating, AGREE and the intensity weights were chosen on fold 0 of both datasets
+(docs/evaluation.md).
 """
 from __future__ import annotations
 
@@ -36,10 +41,10 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from lib.pipeline.confidence import dice
+from lib.pipeline.refine import RADIUS, place_logit, signed_distance, with_intensities
 from lib.pipeline.step import decided
 from lib.transforms.align import to_grid
 
-RADIUS = 40 / 256     # of the slice height: SliceAligner's default mask_margin
 WINDOW = 3            # locating: each query slice's match is averaged with +-WINDOW neighbouring slices
 REACH = 80 / 256      # locating: the farthest shift, of the slice height
 AGREE = 0.4           # the step's place counts only where it overlaps the located support at least this (Dice)
@@ -59,34 +64,27 @@ def pretrained_features(device: str = "cpu", weights=None):
         return _FEATURES[key]
 
 
-def signed_distance(mask: np.ndarray) -> np.ndarray:
-    """bool (H, W) -> float32 (H, W): distance to the mask's edge in pixels, positive inside, negative
-    outside; an empty mask is -inf everywhere (no place)."""
-    mask = np.asarray(mask, dtype=bool)
-    if not mask.any():
-        return np.full(mask.shape, -np.inf, dtype=np.float32)
-    return (ndimage.distance_transform_edt(mask) - ndimage.distance_transform_edt(~mask)).astype(np.float32)
-
-
 class AppearancePrior:
     """weight: of the place term (the app's default: PropagateOptions.appearance); size: slices resized
     to size x size for the backbone (features at size / 8; 384 chosen on fold 0, docs/evaluation.md);
     batch: slices per forward pass; memo: keep each slice's features for the life of this object (one
     request: several organs fuse on the same query slices and often share their support slice, which
     then go through the backbone once; about 1.5 MB a slice at 384); weights: a fine-tuned trunk of the backbone
-    (lib.training.appearance; the evaluation's --features), None = ImageNet's (what the app serves)."""
+    (lib.training.appearance; the evaluation's --features), None = ImageNet's (what the app serves);
+    intensity: add the intensity log-odds to the fusion (off: for ablations)."""
 
     def __init__(self, weight: float, size: int = 384, batch: int = 16, device: str = "cpu", memo: bool = False,
-                 weights=None, locate: bool = True):
+                 weights=None, locate: bool = True, intensity: bool = True):
         self.weight, self.size, self.batch, self.device = float(weight), int(size), int(batch), device
-        self.locate = bool(locate)
+        self.locate, self.intensity = bool(locate), bool(intensity)
         self.weights = None if weights is None else str(weights)
         self._memo: dict[bytes, torch.Tensor] | None = {} if memo else None
 
     def describe(self) -> dict:
         source = "ImageNet" if self.weights is None else f"fine-tuned, {Path(self.weights).name}"
         info = {"appearance_weight": self.weight, "backbone": f"tf_efficientnet_lite2 ({source}, stride 8 + 16)",
-                "input_size": self.size, "radius": f"{RADIUS:.4f} of the slice height", "locate_support": self.locate}
+                "input_size": self.size, "radius": f"{RADIUS:.4f} of the slice height", "locate_support": self.locate,
+                "intensity_log_odds": self.intensity}
         if self.weights is not None:
             info["backbone_sha256"] = hashlib.sha256(Path(self.weights).read_bytes()).hexdigest()
         return info
@@ -139,7 +137,7 @@ class AppearancePrior:
         images, masks = np.repeat(image[None], len(rows), 0), np.repeat(mask[None], len(rows), 0)
         if not self.locate or not mask.any():
             return images, masks
-        need = np.unique(np.clip(rows[:, None] + np.arange(-WINDOW, WINDOW + 1), 0, n - 1))
+        need = self.neighbourhood(rows, n)
         cells = torch.from_numpy(mask.astype(np.float32))[None, None]
         cells = F.interpolate(cells, size=(self.size // 8, self.size // 8), mode="area").to(self.device)
         offsets = match_offsets(self._embed(queries[need]), self._embed(image[None]), cells,
@@ -156,15 +154,15 @@ class AppearancePrior:
             images[i], masks[i] = moved[key]
         return images, masks
 
-    def fuse(self, queries, support_image, support_mask, place, located=None) -> np.ndarray:
+    def fuse(self, queries, support_image, support_mask, place, located=None, positions=None) -> np.ndarray:
         """place: bool (N, H, W), the organ where the step put it; located: the located support masks (N, H, W)
         (`supports`), a second place unless `locate` is off (then the support where it was: no place of
         its own) -> bool (N, H, W). Per slice, the place term is both places' where they agree (Dice >=
-        AGREE), the located one's where they do not, none where the step's mask is empty (module docstring)."""
-        from lib.model.prototypes import SCALE
-
+        AGREE), the located one's where they do not, none where the step's mask is empty; then, with
+        `intensity`, the intensity log-odds of the support's organ and of the query's (module docstring).
+        The query's intensity statistics for each slice come from the slices within +-WINDOW of it
+        (`positions`: the slices' indices in the volume, ascending; default consecutive)."""
         logit = self.logits(queries, support_image, support_mask)
-        radius = RADIUS * logit.shape[1]
         place = np.asarray(place, dtype=bool)
         term = np.stack([signed_distance(p) for p in place])
         if located is not None and self.locate:
@@ -172,9 +170,21 @@ class AppearancePrior:
             both = np.array([not p.any() or dice(p, m) >= AGREE for p, m in zip(place, located)])
             near = np.stack([signed_distance(m) for m in located])
             term = np.where(both[:, None, None], (term + near) / 2, near)
-        return logit + self.weight * SCALE * term / radius > 0
+        logit = logit + place_logit(term, self.weight)
+        if not self.intensity:
+            return logit > 0
+        return with_intensities(logit, queries, support_image, support_mask, positions, WINDOW)
 
-    def fuse_probs(self, queries, support_image, support_mask, probs, threshold: float, located=None) -> np.ndarray:
+    def fuse_probs(self, queries, support_image, support_mask, probs, threshold: float, located=None,
+                   positions=None) -> np.ndarray:
         """`fuse` for a step's probabilities (N, H, W): kept pixels at least just above `threshold`, others 0."""
         probs = np.asarray(probs, dtype=np.float32)
-        return decided(probs, self.fuse(queries, support_image, support_mask, probs > threshold, located), threshold)
+        keep = self.fuse(queries, support_image, support_mask, probs > threshold, located, positions)
+        return decided(probs, keep, threshold)
+
+    @staticmethod
+    def neighbourhood(rows, n: int) -> np.ndarray:
+        """Positions `rows` among n consecutive slices -> those and their +-WINDOW neighbours (sorted): the
+        slices whose step a fusion of `rows` needs, so that each row gets what a call for all n gives it."""
+        rows = np.asarray(rows, dtype=np.int64)
+        return np.unique(np.clip(rows[:, None] + np.arange(-WINDOW, WINDOW + 1), 0, n - 1))

@@ -17,7 +17,9 @@ class PropagateOptions:
     result from another volume's support is fused with pretrained appearance (lib.pipeline.appearance;
     0 = off; 0.35 chosen on fold 0 of both datasets, docs/evaluation.md); locate: with appearance, move
     the other volume's support onto each query slice by feature template matching first (off: the
-    support where it is, for ablations)."""
+    support where it is, for ablations); intensity: refine with the intensity log-odds of the annotated
+    organ, then of the query's own (lib.pipeline.refine): across volumes inside the appearance fusion,
+    inside one volume on the chained walk's result (off: for ablations)."""
 
     threshold: float
     batch_size: int = 8
@@ -27,6 +29,7 @@ class PropagateOptions:
     largest: bool = True
     appearance: float = 0.35
     locate: bool = True
+    intensity: bool = True
 
     def __post_init__(self):
         if self.merge not in MERGE_RULES:

@@ -14,7 +14,8 @@ import numpy as np
 from lib.pipeline.appearance import AppearancePrior
 from lib.pipeline.confidence import next_slices, slice_confidence
 from lib.pipeline.options import PropagateOptions
-from lib.pipeline.step import Step
+from lib.pipeline.refine import refine_inside
+from lib.pipeline.step import Step, decided
 from lib.pipeline.walk import ChainWalk, chain, seeded_chain
 from lib.transforms import normalize_volume
 from lib.transforms.align import support_aligner
@@ -125,6 +126,8 @@ def propagate(model, image, support_label, options: PropagateOptions, support_im
         slice, each slice is segmented from its located support and fused with pretrained appearance
         (lib.pipeline.appearance; options.locate off: the support as it is), in place of the seeded
         chain (fusing a chain's seed and walking from it measured 9 points worse, docs/evaluation.md).
+        options.intensity (with the chain, inside one volume): each organ's walked result is refined by
+        its place and the intensity log-odds of its annotated slices, then of itself (lib.pipeline.refine).
     slices: the query slice indices wanted (default all); the others stay 0. Chained walks always walk
         their whole range, so a wanted slice gets exactly what a full run gives it.
     normalized: the volumes are already scaled to [0, 1] (else lib.transforms.normalize_volume).
@@ -152,7 +155,8 @@ def propagate(model, image, support_label, options: PropagateOptions, support_im
     aligner = support_aligner(getattr(model.config, "align_support", "none"))
     step = Step(model, options.threshold, aligner.align if aligner is not None else None, options.batch_size)
     prior = None if same or not options.appearance else AppearancePrior(
-        options.appearance, device=str(model.device), memo=True, locate=options.locate)   # organs share slices
+        options.appearance, device=str(model.device), memo=True, locate=options.locate,
+        intensity=options.intensity)   # organs share slices
     probs = {v: np.zeros(q.shape, dtype=np.float32) for v in organs}     # (Z, H, W) per organ
     agree = {v: np.full(n_query, np.nan, dtype=np.float32) for v in organs}   # per-step agreement (walk.chain)
     source = {v: np.full(n_query, -1, dtype=np.int64) for v in organs}       # serving annotated slice, same volume
@@ -190,9 +194,12 @@ def propagate(model, image, support_label, options: PropagateOptions, support_im
                                     chain_gate if options.gate else None)
                 probs[value][targets] = p[targets - lo]
             elif prior is not None:   # located supports, the step from each, fused with appearance
-                images, masks = prior.supports(q[targets], s[z_s], mask[z_s], np.searchsorted(targets, mine))
-                p = step.pairs(q[mine], images, masks)[0]
-                probs[value][mine] = prior.fuse_probs(q[mine], s[z_s], mask[z_s], p, step.threshold, masks)
+                rows = np.searchsorted(targets, mine)
+                near = prior.neighbourhood(rows, len(targets)) if options.intensity else rows
+                images, masks = prior.supports(q[targets], s[z_s], mask[z_s], near)
+                p = step.pairs(q[targets[near]], images, masks)[0]
+                fused = prior.fuse_probs(q[targets[near]], s[z_s], mask[z_s], p, step.threshold, masks, targets[near])
+                probs[value][mine] = fused[np.isin(near, rows)]
             else:
                 p = step.shared(q[mine], s[z_s], mask[z_s])
                 if options.gate and same:
@@ -208,6 +215,8 @@ def propagate(model, image, support_label, options: PropagateOptions, support_im
             walks_cache[key] = (wk.lo, wk.hi, p[wk.lo:wk.hi + 1].copy(), a[wk.lo:wk.hi + 1].copy())
     if options.chain and same and walks:
         _bridge(step, q, lab, probs, agree, source, options.gate)
+    if options.chain and same and options.intensity:
+        _refine(q, lab, probs, wanted, step.threshold)
     _merge(result.label, probs, wanted, options, lab if same else None)
     if copied:   # annotated pixels kept exactly; an organ not annotated on such a slice is segmented there
         result.label[..., copied] = np.where(label[..., copied] > 0, label[..., copied], result.label[..., copied])
@@ -241,6 +250,18 @@ def _bridge(step: Step, q: np.ndarray, lab: np.ndarray, probs, agree, source, ga
     for (value, hole, far), (_, p), a in zip(owners, chain(step, q, walks, agreement=agreements) if walks else [],
                                             agreements):
         probs[value][hole], agree[value][hole], source[value][hole] = p[hole], a[hole], far
+
+
+def _refine(q: np.ndarray, lab: np.ndarray, probs, wanted: np.ndarray, threshold: float) -> None:
+    """Inside one volume, each organ's chained result refined by its place and the intensity log-odds of
+    its annotated slices, then of itself (lib.pipeline.refine.refine_inside), on the wanted slices; its
+    statistics come from every walked slice, so a wanted slice gets what a full run gives it.
+    q, lab (Z, H, W); probs per organ (Z, H, W), changed in place."""
+    for value, p in probs.items():
+        mask = lab == value
+        z = annotated_slices(mask)
+        keep = refine_inside(q, p > threshold, q[z], mask[z])
+        p[wanted] = decided(p[wanted], keep[wanted], threshold)
 
 
 def _confidence(result: PropagationResult, probs, agree, source, annotation) -> None:
