@@ -51,7 +51,7 @@ def test_scribbles_background_is_not_an_organ():
     ({"threshold": "2"}, "between 0 and 1"), ({"batch_size": 1e999}, "integer between 1 and 4096"),
     ({"merge": "max"}, "probability | order"), ({"chain": "maybe"}, "true | false"),
     ({"ignore_labels": [None]}, "ignore_labels entry"), ({"label_info": [{"name": "x", "id": "x"}]}, "label_info id"),
-    ({"result_extension": ".png"}, ".nii.gz | .nii | .nrrd"),
+    ({"result_extension": ".png"}, ".nii.gz | .nii | .nrrd"), ({"intensity": "maybe"}, "intensity.*true | false"),
 ])
 def test_infer_options_name_the_key_and_the_valid_values(params, words):
     """One parser for request options (lib.configs.request), the same typed fields as --conf."""
@@ -61,6 +61,7 @@ def test_infer_options_name_the_key_and_the_valid_values(params, words):
     with pytest.raises(OptionError, match=words):
         infer_options(params)
     assert infer_options({"threshold": "0.3", "chain": "no", "merge": ["order", "probability"]})["merge"] == "order"
+    assert infer_options({})["intensity"] is True and infer_options({"intensity": "false"})["intensity"] is False
 
 
 # ---- --conf ------------------------------------------------------------------------------------

@@ -64,7 +64,8 @@ def test_infer_task_and_evaluation_method_give_identical_masks(setup, same_volum
     # whole volume, where a blob can join it through slices the protocol leaves out: compared without it
     largest = cfg.largest and same_volume
     options = PropagateOptions.for_model(model, cfg.threshold, batch_size=cfg.batch_size, merge=cfg.merge,
-                                         chain=cfg.chain, gate=cfg.gate, largest=largest, appearance=cfg.appearance)
+                                         chain=cfg.chain, gate=cfg.gate, largest=largest, appearance=cfg.appearance,
+                                         intensity=cfg.intensity)
     evaluated = SDFSMISMethod(model, options).run_group(data, job, group)             # (N, H, W)
 
     _, s_lbl, _ = data.load(support)

@@ -41,6 +41,7 @@ class AppConfig:
     gate: bool = PropagateOptions.gate  # keep predicted pixels in the organ's intensity range (never vs another volume)
     largest: bool = PropagateOptions.largest  # keep each organ's largest connected component (3D), as evaluated
     appearance: float = PropagateOptions.appearance  # across volumes: fuse with pretrained appearance, this weight (0 = off)
+    intensity: bool = PropagateOptions.intensity  # refine with the organ's intensity log-odds (lib.pipeline.refine)
     train_dir: str | None = None       # trainer output; None = <app>/model/trained
     use_trained: bool = True           # serve <train_dir>/model when it exists and matches
     result_extension: str = ".nii.gz"  # default result file type (a request may override)
@@ -98,7 +99,7 @@ CONF_FIELDS = {
     "preset": (as_choice, PRESETS), "sd_path": (_text,), "dino_path": (_text,), "checkpoint": (_folder,),
     "device": (as_choice, DEVICES), "threshold": (as_fraction,), "batch_size": (as_int, 1, 4096),
     "label_tag": (as_name,), "merge": (as_choice, MERGE_RULES), "chain": (as_bool,), "gate": (as_bool,),
-    "largest": (as_bool,), "appearance": (as_float, 0.0, MAX_APPEARANCE),
+    "largest": (as_bool,), "appearance": (as_float, 0.0, MAX_APPEARANCE), "intensity": (as_bool,),
     "train_dir": (lambda k, v: str(Path(v).expanduser().resolve()),),
     "use_trained": (as_bool,), "result_extension": (as_choice, RESULT_EXTENSIONS), "labels": (_labels,),
     "model_workers": (as_int, 0, 64), "torch_threads": (as_int, 0, 256), "max_voxels": (as_int, 1000, None),

@@ -32,7 +32,7 @@ def _label_info(value) -> list[int]:
 
 
 def infer_options(request: dict, cfg: AppConfig | None = None) -> dict:
-    """request params -> {threshold (float | None), batch_size, merge, chain, gate, largest, appearance, extension,
+    """request params -> {threshold (float | None), batch_size, merge, chain, gate, largest, appearance, intensity, extension,
     ignore (label values that are not organs)}; OptionError names a bad key and what it accepts."""
     cfg = cfg or AppConfig()
     return {
@@ -43,6 +43,7 @@ def infer_options(request: dict, cfg: AppConfig | None = None) -> dict:
         "gate": read(request, "gate", as_bool, cfg.gate),
         "largest": read(request, "largest", as_bool, cfg.largest),
         "appearance": read(request, "appearance", as_float, cfg.appearance, 0.0, MAX_APPEARANCE),
+        "intensity": read(request, "intensity", as_bool, cfg.intensity),
         "extension": read(request, "result_extension", as_choice, cfg.result_extension, RESULT_EXTENSIONS),
         "ignore": as_label_values("ignore_labels", request.get("ignore_labels")) + _label_info(request.get("label_info")),
     }

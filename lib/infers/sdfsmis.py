@@ -46,6 +46,7 @@ class SDFSMISInfer(InferTask):
                 "gate": cfg.gate,
                 "largest": cfg.largest,
                 "appearance": cfg.appearance,
+                "intensity": cfg.intensity,
                 "result_extension": cfg.result_extension,
             },
         )
@@ -94,7 +95,8 @@ class SDFSMISInfer(InferTask):
                 model = self.store.get()
                 run = PropagateOptions.for_model(model, opts["threshold"], batch_size=opts["batch_size"],
                                                  merge=opts["merge"], chain=opts["chain"], gate=opts["gate"],
-                                                 largest=opts["largest"], appearance=opts["appearance"])
+                                                 largest=opts["largest"], appearance=opts["appearance"],
+                                                 intensity=opts["intensity"])
                 result = propagate(model, image, label, run, support_image=support_image)
                 served = self.store.info()
         except AnnotationError as err:
@@ -120,6 +122,7 @@ class SDFSMISInfer(InferTask):
             "gate": run.gate,
             "largest": run.largest,
             "appearance": run.appearance,
+            "intensity": run.intensity,
             "model": served,
             "latencies": {
                 "pre": round(pre - start, 3), "infer": round(infer - pre, 3), "post": round(end - infer, 3),

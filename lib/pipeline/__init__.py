@@ -7,6 +7,7 @@ tasks and by the evaluation's `sdfsmis` method alike, so evaluation measures wha
 - propagate.py volumes (H, W, Z) + a label map -> a multi-organ uint8 label map
 - confidence.py per-slice confidence, the slice to annotate next, the image uncertainty
 - appearance.py across volumes: the step's result (place) fused with pretrained features (appearance)
+- refine.py    place x intensity log-odds: the fusion's last pass, and the chained result inside one volume
 
 Imports flow one way: tasks -> pipeline -> lib.model / lib.transforms.
 """
