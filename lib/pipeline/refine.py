@@ -8,9 +8,10 @@ say (log-odds of the organ against its surroundings): across volumes inside the 
 
 The annotated organ's intensities tell the first mask; the query's own (another patient's organ is a
 little brighter or darker; inside one volume the organ drifts from the annotated slice's values) then
-replace them: across volumes each slice's from its WINDOW neighbours on each side (so that a slice gets
-the same whichever slices are asked for), inside one volume from every slice the walk reached. The
-features and the step see the organ coarsely; intensity draws its edge to the pixel. Weights chosen on fold 0 (docs/evaluation.md).
+replace them: across volumes each slice's from its neighbours within lib.pipeline.appearance.WINDOW
+(so that a slice gets the same whichever slices are asked for), inside one volume from every slice
+the walk reached. The features and the step see the organ coarsely; intensity draws its edge to the
+pixel. Weights chosen on fold 0 (docs/evaluation.md, "Intensity: the organ's own values").
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from lib.transforms.intensity import intensity_counts, log_odds, log_odds_at, or
 RADIUS = 40 / 256          # of the slice height: SliceAligner's default mask_margin
 SUPPORT_INTENSITY = 0.75   # weight of the annotated organ's intensity log-odds (first pass)
 QUERY_INTENSITY = 1.0      # weight of the query's own organ's intensity log-odds (second pass)
-MIN_ORGAN = 50             # pixels: a smaller first mask (all slices) gives no query statistics
+MIN_ORGAN = 50             # pixels: fewer of the first mask where a slice's statistics come from: none
 INSIDE = 1.0               # inside one volume: the place weight (no appearance logit beside it)
 
 
