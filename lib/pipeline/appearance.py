@@ -184,7 +184,12 @@ class AppearancePrior:
 
     @staticmethod
     def neighbourhood(rows, n: int) -> np.ndarray:
-        """Positions `rows` among n consecutive slices -> those and their +-WINDOW neighbours (sorted): the
-        slices whose step a fusion of `rows` needs, so that each row gets what a call for all n gives it."""
+        """Positions `rows` among n consecutive slices -> those and their +-WINDOW neighbours (sorted)."""
         rows = np.asarray(rows, dtype=np.int64)
         return np.unique(np.clip(rows[:, None] + np.arange(-WINDOW, WINDOW + 1), 0, n - 1))
+
+    def fused_rows(self, rows, n: int) -> np.ndarray:
+        """The positions among n consecutive slices whose step a fusion of `rows` needs, so that each row
+        gets what a call for all n gives it: their neighbourhood with `intensity` (its statistics), else
+        the rows themselves."""
+        return self.neighbourhood(rows, n) if self.intensity else np.asarray(rows, dtype=np.int64)

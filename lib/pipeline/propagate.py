@@ -195,7 +195,7 @@ def propagate(model, image, support_label, options: PropagateOptions, support_im
                 probs[value][targets] = p[targets - lo]
             elif prior is not None:   # located supports, the step from each, fused with appearance
                 rows = np.searchsorted(targets, mine)
-                near = prior.neighbourhood(rows, len(targets)) if options.intensity else rows
+                near = prior.fused_rows(rows, len(targets))
                 images, masks = prior.supports(q[targets], s[z_s], mask[z_s], near)
                 p = step.pairs(q[targets[near]], images, masks)[0]
                 fused = prior.fuse_probs(q[targets[near]], s[z_s], mask[z_s], p, step.threshold, masks, targets[near])

@@ -53,14 +53,10 @@ def with_intensities(logit, queries, support_images, support_masks, positions=No
     table = organ_log_odds(support_images, support_masks, RADIUS * support_images.shape[-2])
     first = logit + SUPPORT_INTENSITY * log_odds_at(table, queries) > 0
     organ, band = intensity_counts(queries, first, RADIUS * queries.shape[-2])
-    if window is None:
-        if organ.sum() < MIN_ORGAN:
-            return first
-        return logit + QUERY_INTENSITY * log_odds_at(log_odds(organ.sum(0), band.sum(0)), queries) > 0
     positions = np.arange(len(queries)) if positions is None else np.asarray(positions)
     out = first.copy()
     for i, at in enumerate(positions):
-        near = np.abs(positions - at) <= window
+        near = np.abs(positions - at) <= (np.inf if window is None else window)
         if organ[near].sum() >= MIN_ORGAN:
             table = log_odds(organ[near].sum(0), band[near].sum(0))
             out[i] = logit[i] + QUERY_INTENSITY * log_odds_at(table, queries[i]) > 0

@@ -1,5 +1,5 @@
 """Per-volume intensity scaling to [0, 1], shared by training, evaluation and the infer task; an organ's
-intensities against its surroundings' (a log-odds table, lib.pipeline.appearance)."""
+intensities against its surroundings' (a log-odds table, lib.pipeline.refine)."""
 from __future__ import annotations
 
 import numpy as np
