@@ -68,7 +68,8 @@ def test_prototype_floor_finds_the_organs_without_training(small, tmp_path):
                                           (["--method", "registration", "--features", str(ROOT / "README.md")], "needs --appearance"),
                                           (["--method", "prototype", "--features", "missing.safetensors"], "no such file"),
                                           (["--method", "registration", "--no-locate"], "with --appearance"),
-                                          (["--no-intensity", "--preset", "tiny"], "no-intensity changes")])
+                                          (["--no-intensity", "--preset", "tiny"], "no-intensity changes"),
+                                          (["--method", "registration", "--no-intensity"], "no-intensity changes")])
 def test_appearance_is_refused_where_it_does_not_apply(small, tmp_path, extra, words):
     with pytest.raises(ProtocolError, match=words):
         evaluate(["--data", str(small), "--organs", "big=1", "--mode", "propagation", "--out", str(tmp_path / "x"),

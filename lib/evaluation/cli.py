@@ -54,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "query slice by feature template matching (the app locates; for ablations)")
     p.add_argument("--no-intensity", dest="intensity", action="store_false",
                    help="without the intensity log-odds of the annotated organ and the query's own (lib.pipeline.refine): "
-                        "in the --appearance fusion, and on sdfsmis's --chain inside one volume (the app uses "
-                        "them; for ablations)")
+                        "in the --appearance fusion, and on the --chain of sdfsmis (the app uses them; for "
+                        "ablations) or registration inside one volume")
     p.add_argument("--features", metavar="FILE",
                    help="prototype, registration: a fine-tuned appearance backbone (`python -m lib.train_appearance`) "
                         "instead of ImageNet's")
@@ -110,9 +110,9 @@ def _method_factory(args, dataset_name: str):
         raise ProtocolError("--features with --method registration needs --appearance W (the fusion it feeds)")
     if not args.locate and not args.appearance:
         raise ProtocolError("--no-locate changes the --appearance fusion; use it with --appearance W")
-    if not args.intensity and not (args.appearance or (args.method == "sdfsmis" and args.chain)):
-        raise ProtocolError("--no-intensity changes the --appearance fusion or sdfsmis's --chain inside one volume; "
-                            "use it with one of them")
+    if not args.intensity and not (args.appearance or (args.method in ("sdfsmis", "registration") and args.chain)):
+        raise ProtocolError("--no-intensity changes the --appearance fusion or the --chain of sdfsmis or registration "
+                            "inside one volume; use it with one of them")
     if args.features and not Path(args.features).is_file():
         raise ProtocolError(f"--features {args.features}: no such file")
     if args.server:

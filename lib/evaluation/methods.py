@@ -78,7 +78,9 @@ class RegistrationMethod(ArrayMethod):
 
     `chain` (propagation inside one volume): register each slice to its neighbour towards the
     annotated slice and warp that neighbour's result, walking outward one slice at a time
-    (lib.pipeline.walk.walk); with the gate on, each step's result is gated before it is carried on.
+    (lib.pipeline.walk.walk); with the gate on, each step's result is gated before it is carried on; with
+    `intensity` (the default) the walk's result is then refined as the app refines the network's
+    (lib.pipeline.refine.refine_inside), so that both are compared with the same last step.
     `appearance` > 0: across volumes, the support is first located on each query slice (`locate`), then
     registered, and each warped mask is fused with pretrained appearance and intensity (lib.pipeline.appearance,
     that weight; `features`: a fine-tuned backbone, None = ImageNet's; `intensity` off: without intensity).
@@ -93,12 +95,13 @@ class RegistrationMethod(ArrayMethod):
 
         super().__init__(gate)
         self.aligner = SliceAligner(threads=threads, **params)
-        self.chain = chain
+        self.chain, self.intensity = chain, intensity
         self._prior = dict(weight=appearance, device=device, weights=features, locate=locate, intensity=intensity)
         self.prior = AppearancePrior(**self._prior) if appearance else None
 
     def describe(self) -> dict:
         return {"method": self.name, **self.aligner.params, "chain": self.chain, "intensity_gate": self.gate,
+                "intensity_log_odds": self.intensity if self.chain or self.prior else False,
                 "failures_fell_back_to_copy": self.aligner.failures,
                 **(self.prior.describe() if self.prior else {"appearance_weight": 0.0})}
 
@@ -137,7 +140,12 @@ class RegistrationMethod(ArrayMethod):
 
         masks = walk(len(stack), start, seed, step)
         empty = np.zeros_like(seed)
-        return np.stack([masks.get(z - lo, empty) for z in group.query_z])
+        walked = np.stack([masks.get(z, empty) for z in range(len(stack))])
+        if self.intensity:
+            from lib.pipeline.refine import refine_inside
+
+            walked = refine_inside(stack, walked, stack[start][None], seed[None])
+        return walked[np.asarray(group.query_z) - lo]
 
 
 class SDFSMISMethod(ArrayMethod):
