@@ -54,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "query slice by feature template matching (the app locates; for ablations)")
     p.add_argument("--no-intensity", dest="intensity", action="store_false",
                    help="without the intensity log-odds of the annotated organ and the query's own (lib.pipeline.refine): "
-                        "in the --appearance fusion, and on the --chain of sdfsmis (the app uses them; for "
-                        "ablations) or registration inside one volume")
+                        "in the --appearance fusion, and on the --chain of sdfsmis or registration inside one "
+                        "volume (the app uses them; for ablations)")
     p.add_argument("--features", metavar="FILE",
                    help="prototype, registration: a fine-tuned appearance backbone (`python -m lib.train_appearance`) "
                         "instead of ImageNet's")
