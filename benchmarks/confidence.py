@@ -1,9 +1,11 @@
 """Which per-slice confidence tells wrong slices apart, and what computing it costs.
 
-    python -m benchmarks.confidence --data ../shared/data/abd-mri --checkpoint apps/sdfsmis/model --volumes 0 1 2
+    python -m benchmarks.confidence --data ../shared/data/abd-mri --checkpoint apps/sdfsmis/model --volumes 0 1 2 \
+        --walker registration
 
 Each volume: the middle slice of every organ annotated (lib.evaluation.annotator), one app propagation.
-Candidates per segmented slice: `agreement` (network vs registered support, that step), `cumulative`
+Candidates per segmented slice: `agreement` (that step's result vs its support: registered onto the slice
+for the network walker, unmoved for the registration walker), `cumulative`
 (their product from the annotated slice: the app's choice), `certainty` (mean |2p - 1| on the organ),
 `distance` (1 - slices from the annotated one / 20). Printed: Spearman correlation of each with the
 slice's Dice, and how good the slice each would suggest is: its wrong voxels / the worst slice's
@@ -23,7 +25,7 @@ import torch
 from lib.evaluation.annotator import load_case, middle_slice, segment, slice_dice, slice_errors
 from lib.evaluation.dataset import EvalDataset
 from lib.evaluation.protocol import DEFAULT_ORGANS
-from lib.pipeline import PropagateOptions
+from lib.pipeline import WALKERS, PropagateOptions
 from lib.pipeline.confidence import certainty, cumulative
 
 prop = importlib.import_module("lib.pipeline.propagate")   # the module (lib.pipeline.propagate is also the function)
@@ -48,6 +50,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--checkpoint", default="apps/sdfsmis/model")
     ap.add_argument("--volumes", type=int, nargs="*", help="volume indices (sorted by id); default all")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--walker", choices=WALKERS, default=PropagateOptions.walker, help="the app's `walker` [%(default)s]")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from lib.model import load_checkpoint
@@ -55,7 +58,7 @@ def main(argv=None) -> dict:
     name = "abd-ct" if "ct" in args.data.rstrip("/").split("/")[-1] else "abd-mri"
     ds = EvalDataset(args.data, DEFAULT_ORGANS[name])
     model = load_checkpoint(args.checkpoint)
-    options = PropagateOptions.for_model(model, largest=True)
+    options = PropagateOptions.for_model(model, largest=True, walker=args.walker)
     seen, spent = {}, {"confidence": 0.0}
     original = prop._confidence
 
@@ -93,7 +96,7 @@ def main(argv=None) -> dict:
                     picks[s].append(err[int(np.argmax(score))] / err.max())
             dices += [sd[z] for z in zs]
         print(f"volume {case.case_id}: {result.seconds:.1f} s, confidence {spent['confidence']:.2f} s so far", flush=True)
-    out = {"dataset": name, "volumes": args.volumes, "seconds": round(total_s, 2),
+    out = {"dataset": name, "volumes": args.volumes, "walker": args.walker, "seconds": round(total_s, 2),
            "confidence_seconds": round(spent["confidence"], 3),
            "overhead_percent": round(100 * spent["confidence"] / max(total_s, 1e-9), 2), "signals": {}}
     for s in SIGNALS:

@@ -1,6 +1,6 @@
 """Served speed: a 36-slice volume with two organs annotated on one slice, through the real server.
 
-    python -m benchmarks.served_speed --data ../shared/data/abd-ct --threads 1 2
+    python -m benchmarks.served_speed --data ../shared/data/abd-ct --threads 1 2 --walkers registration network
 
 Builds the case (with --data: an Abd-CT volume cropped to --slices slices around its liver and
 spleen, both annotated on one slice; without: the synthetic phantom of lib.sample), then
@@ -9,7 +9,8 @@ spleen, both annotated on one slice; without: the synthetic phantom of lib.sampl
 - served: starts `python -m monailabel.main start_server --app apps/sdfsmis` on a free port and times
   `POST /infer/sdfsmis` with the annotation uploaded (one untimed warm-up, then --repeats requests),
   wall seconds and the server process's CPU seconds (`--conf torch_threads` = the thread count).
-Several --threads values time both paths with each in turn, in one run (one server per value).
+Several --threads values time both paths with each in turn, in one run (one server per value); several
+--walkers (the app's `walker`, a request option) each in turn on the same server.
 Wall seconds follow the load of a shared CPU; CPU seconds (one thread) much less so.
 Prints the device, the load average, a table and a JSON line. Not a test: nothing is asserted.
 """
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import device_name, emit_json, load_average, running_server
+from lib.pipeline.options import WALKERS, PropagateOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "apps" / "sdfsmis"
@@ -155,8 +157,8 @@ class Breakdown:
         self.slices = 0
 
 
-def in_process(image_path: Path, label_path: Path, repeats: int) -> dict:
-    """Read, propagate (chain + gate, as the app's defaults) and write, as the infer task does."""
+def in_process(image_path: Path, label_path: Path, repeats: int, walker: str) -> dict:
+    """Read, propagate (the app's defaults, this walker) and write, as the infer task does."""
     from lib.pipeline import PropagateOptions, propagate
     from lib.infers.volume_io import read_image, read_volume, to_array, write_label
     from lib.model import load_checkpoint
@@ -170,7 +172,7 @@ def in_process(image_path: Path, label_path: Path, repeats: int) -> dict:
         image, reference = read_volume(image_path)
         ann = to_array(read_image(label_path))
         t1 = time.perf_counter()
-        result = propagate(model, image, ann, PropagateOptions.for_model(model))   # the app's defaults
+        result = propagate(model, image, ann, PropagateOptions.for_model(model, walker=walker))
         t2 = time.perf_counter()
         os.remove(write_label(result.label, reference))
         t3, c3 = time.perf_counter(), time.process_time()
@@ -186,8 +188,10 @@ def in_process(image_path: Path, label_path: Path, repeats: int) -> dict:
 
 
 # ---- served ----------------------------------------------------------------------------------------
-def served(work: Path, image_id: str, label_path: Path, repeats: int, threads: int, timeout: float) -> dict:
-    """Start the server on `work`/studies, time POST /infer/sdfsmis; the server is stopped at the end."""
+def served(work: Path, image_id: str, label_path: Path, repeats: int, threads: int, timeout: float,
+           walkers: list[str]) -> dict:
+    """Start the server on `work`/studies, time POST /infer/sdfsmis with each walker -> {walker: record};
+    the server is stopped at the end."""
     import psutil
     from monailabel.client import MONAILabelClient
 
@@ -203,19 +207,21 @@ def served(work: Path, image_id: str, label_path: Path, repeats: int, threads: i
                         timeout=timeout, logging_config=logcfg) as (url, proc):
         client = MONAILabelClient(url, tmpdir=str(work / "client"))
         server = psutil.Process(proc.pid)
-        times, cpus, latencies, path = [], [], [], None
-        for i in range(repeats + 1):     # the first request warms up
-            t, c = time.perf_counter(), sum(server.cpu_times()[:2])
-            path, params = client.infer("sdfsmis", image_id, {}, label_in=str(label_path))
-            if i:
-                times.append(time.perf_counter() - t)
-                cpus.append(sum(server.cpu_times()[:2]) - c)
-                latencies.append(params.get("latencies", {}))
-        label = to_array(read_image(path))
-    best = int(np.argmin(times))
-    return {"best_s": times[best], "median_s": statistics.median(times), "times_s": times,
-            "best_cpu_s": cpus[best], "median_cpu_s": statistics.median(cpus),
-            "server_latencies": latencies[best], "label": label}
+        out = {}
+        for walker in walkers:
+            times, cpus, latencies, path = [], [], [], None
+            for i in range(repeats + 1):     # the first request warms up
+                t, c = time.perf_counter(), sum(server.cpu_times()[:2])
+                path, params = client.infer("sdfsmis", image_id, {"walker": walker}, label_in=str(label_path))
+                if i:
+                    times.append(time.perf_counter() - t)
+                    cpus.append(sum(server.cpu_times()[:2]) - c)
+                    latencies.append(params.get("latencies", {}))
+            best = int(np.argmin(times))
+            out[walker] = {"best_s": times[best], "median_s": statistics.median(times), "times_s": times,
+                           "best_cpu_s": cpus[best], "median_cpu_s": statistics.median(cpus),
+                           "server_latencies": latencies[best], "label": to_array(read_image(path))}
+    return out
 
 
 # ---- report --------------------------------------------------------------------------------------
@@ -223,44 +229,48 @@ def report(rec: dict) -> None:
     print(f"served speed: {rec['case']} {rec['shape'][0]}x{rec['shape'][1]}x{rec['shape'][2]}, organs "
           f"{rec['organs']} annotated on slice {rec['annotated_slice']}; device={rec['device_name']} "
           f"load={rec['load_average']} threads={rec['threads']} repeats={rec['repeats']}")
-    print(f"  {'path':10s} {'threads':>7s} {'best s':>8s} {'median s':>9s} {'cpu s':>7s}  breakdown (cpu s of the best run)")
+    print(f"  {'path':10s} {'walker':12s} {'threads':>7s} {'best s':>8s} {'median s':>9s} {'cpu s':>7s}  "
+          "breakdown (cpu s of the best run)")
     for run in rec["runs"]:
-        t, p, s = run["threads"], run.get("in_process"), run.get("served")
+        t, w, p, s = run["threads"], run["walker"], run.get("in_process"), run.get("served")
         if p:
-            print(f"  {'in-process':10s} {t:7d} {p['best_s']:8.2f} {p['median_s']:9.2f} {p['best_cpu_s']:7.2f}  "
+            print(f"  {'in-process':10s} {w:12s} {t:7d} {p['best_s']:8.2f} {p['median_s']:9.2f} {p['best_cpu_s']:7.2f}  "
                   + "  ".join(f"{k} {v:.2f}" for k, v in p["best_cpu"].items())
                   + f"  | read {p['read_s']:.2f} s, propagate {p['propagate_s']:.2f} s, write {p['write_s']:.2f} s, "
                   f"{p['steps']} network steps")
         if s:
-            print(f"  {'served':10s} {t:7d} {s['best_s']:8.2f} {s['median_s']:9.2f} {s['best_cpu_s']:7.2f}  server latencies "
-                  "of the best: " + ", ".join(f"{k} {v}" for k, v in s["server_latencies"].items()))
+            print(f"  {'served':10s} {w:12s} {t:7d} {s['best_s']:8.2f} {s['median_s']:9.2f} {s['best_cpu_s']:7.2f}  "
+                  "server latencies of the best: " + ", ".join(f"{k} {v}" for k, v in s["server_latencies"].items()))
         if run.get("dice"):
-            print(f"  {t} thread(s): dice (other slices) " + ", ".join(f"{k}: {v:.4f}" for k, v in run["dice"].items())
+            print(f"  {w}, {t} thread(s): dice (other slices) " + ", ".join(f"{k}: {v:.4f}" for k, v in run["dice"].items())
                   + ("" if run.get("served_equals_in_process") is None
                      else f"; served label == in-process label: {run['served_equals_in_process']}"))
 
 
-def timed_run(args, threads: int, work: Path, image_path: Path, label_path: Path, truth, organs, z) -> dict:
-    """Both paths with `threads` torch threads (here and in the server) -> the run's record."""
+def timed_runs(args, threads: int, work: Path, image_path: Path, label_path: Path, truth, organs, z) -> list[dict]:
+    """Both paths with `threads` torch threads (here and in the server), each walker -> the runs' records."""
     torch.set_num_threads(threads)
-    run, labels = {"threads": threads}, {}
+    runs = {w: {"threads": threads, "walker": w} for w in args.walkers}
+    labels = {w: {} for w in args.walkers}
     if not args.skip_in_process:
-        r = in_process(image_path, label_path, args.repeats)
-        b = r["best"]
-        run["in_process"] = {"best_s": b["wall_s"], "median_s": r["median_wall_s"], "best_cpu_s": b["cpu_s"],
-                             "median_cpu_s": r["median_cpu_s"], "best_cpu": b["cpu"], "read_s": b["read_s"],
-                             "propagate_s": b["propagate_s"], "write_s": b["write_s"], "steps": b["steps"]}
-        labels["in_process"] = r["label"]
+        for w in args.walkers:
+            r = in_process(image_path, label_path, args.repeats, w)
+            b = r["best"]
+            runs[w]["in_process"] = {"best_s": b["wall_s"], "median_s": r["median_wall_s"], "best_cpu_s": b["cpu_s"],
+                                     "median_cpu_s": r["median_cpu_s"], "best_cpu": b["cpu"], "read_s": b["read_s"],
+                                     "propagate_s": b["propagate_s"], "write_s": b["write_s"], "steps": b["steps"]}
+            labels[w]["in_process"] = r["label"]
     if not args.skip_server:
-        s = served(work, "case", label_path, args.repeats, threads, args.startup_timeout)
-        labels["served"] = s.pop("label")
-        run["served"] = s
-    first = next(iter(labels.values()), None)
-    if first is not None:
-        run["dice"] = dice(first, truth, organs, z)
-    if len(labels) == 2:
-        run["served_equals_in_process"] = bool(np.array_equal(labels["served"], labels["in_process"]))
-    return run
+        for w, s in served(work, "case", label_path, args.repeats, threads, args.startup_timeout, args.walkers).items():
+            labels[w]["served"] = s.pop("label")
+            runs[w]["served"] = s
+    for w, run in runs.items():
+        first = next(iter(labels[w].values()), None)
+        if first is not None:
+            run["dice"] = dice(first, truth, organs, z)
+        if len(labels[w]) == 2:
+            run["served_equals_in_process"] = bool(np.array_equal(labels[w]["served"], labels[w]["in_process"]))
+    return list(runs.values())
 
 
 def main(argv=None) -> dict:
@@ -271,6 +281,8 @@ def main(argv=None) -> dict:
     p.add_argument("--repeats", type=int, default=3, help="timed runs of each path after one warm-up [3]")
     p.add_argument("--threads", type=int, nargs="+", default=[1],
                    help="torch threads, here and in the server (--conf torch_threads); several: each in turn [1]")
+    p.add_argument("--walkers", nargs="+", choices=WALKERS, default=[PropagateOptions.walker],
+                   help="the app's `walker` (a request option); several: each in turn [the app's default]")
     p.add_argument("--skip-server", action="store_true", help="time the in-process pipeline only")
     p.add_argument("--skip-in-process", action="store_true", help="time the server only")
     p.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for the server [300]")
@@ -292,8 +304,8 @@ def main(argv=None) -> dict:
         image_path = save(image, spacing, work / "studies" / "case.nii.gz")
         label_path = save(ann, spacing, work / "case_label.nii.gz")
         for threads in args.threads:
-            rec["runs"].append(timed_run(args, threads, work, image_path, label_path, truth, organs, z))
-            rec["runs"][-1]["load_average_end"] = load_average()
+            for run in timed_runs(args, threads, work, image_path, label_path, truth, organs, z):
+                rec["runs"].append(dict(run, load_average_end=load_average()))
     rec["load_average_end"] = load_average()
     report(rec)
     emit_json(rec)

@@ -167,6 +167,7 @@ def build_cases(arena: Path, f: dict) -> list[dict]:
         [{"batch_size": v} for v in (1e999, -1, 0, "x", 1.5, [1], 10 ** 30, "nan")] + \
         [{"threshold": v} for v in (2, -1, "nan", "inf", [0.5], 1e999)] + \
         [{"merge": v} for v in ("x", [[1]], {"a": 1}, 1)] + [{"chain": v} for v in ("maybe", [1], {"a": 1})] + \
+        [{"walker": v} for v in ("demons", [[1]], 1, {"a": 1})] + \
         [{"gate": "x"}, {"intensity": "maybe"}, {"result_extension": ".exe"}, {"result_extension": [".nii"]}, {"timeout": "x"},
          {"timeout": -5}, {"support_tag": 5}, {"support_image": 5}, {"support_image": ["a"]}, {"device": f"{a}/x"}]
     for params in bad_params:

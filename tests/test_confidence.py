@@ -10,7 +10,7 @@ from tests.test_pipeline import StubModel
 
 
 def _run(model, image, ann, **kw):
-    options = PropagateOptions(threshold=0.5, chain=True, gate=False, largest=False)
+    options = PropagateOptions(threshold=0.5, chain=True, gate=False, largest=False, walker="network")   # the stub's steps
     return run_propagate(model, image, ann, options, normalized=True, **kw)
 
 

@@ -46,9 +46,9 @@ class StubModel:
 def propagate(model, image, ann, batch_size=8, merge="probability", chain=False, gate=False, largest=False,
               appearance=0.0, **kw):
     """The pipeline with the old test defaults (per slice, no gate, every component, no appearance fusion:
-    tests/test_appearance.py has that)."""
+    tests/test_appearance.py has that; the network walks: tests/test_register_step.py has registration)."""
     options = PropagateOptions(threshold=0.5, batch_size=batch_size, merge=merge, chain=chain, gate=gate,
-                               largest=largest, appearance=appearance)
+                               largest=largest, appearance=appearance, walker="network")
     return run_propagate(model, image, ann, options, **kw)
 
 

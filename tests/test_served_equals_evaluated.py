@@ -45,12 +45,13 @@ def _served(setup, query: Path, annotation: np.ndarray, support: Path | None, fo
     nib.save(nib.Nifti1Image(annotation, nib.load(str(support or query)).affine), str(label_file))
     kind = Support("uploaded", str(label_file)) if support is None else Support(
         "support_image", str(label_file), image=str(support), image_id="image_1", tag="eval")
-    path, _ = SDFSMISInfer(store, cfg)({"image": str(query), REQUEST_KEY: kind.to_request(), **params})
+    path, info = SDFSMISInfer(store, cfg)({"image": str(query), REQUEST_KEY: kind.to_request(), **params})
+    assert info["walker"] == params.get("walker", cfg.walker)   # the result says how it was made
     return np.asarray(nib.load(path).dataobj)
 
 
-@pytest.mark.parametrize("same_volume", [True, False])
-def test_infer_task_and_evaluation_method_give_identical_masks(setup, same_volume):
+@pytest.mark.parametrize("same_volume, walker", [(True, "registration"), (True, "network"), (False, "registration")])
+def test_infer_task_and_evaluation_method_give_identical_masks(setup, same_volume, walker):
     folder, cfg, store = setup
     data = EvalDataset(folder, {"liver": LIVER})
     support, query = (1, 1) if same_volume else (0, 1)
@@ -65,7 +66,7 @@ def test_infer_task_and_evaluation_method_give_identical_masks(setup, same_volum
     largest = cfg.largest and same_volume
     options = PropagateOptions.for_model(model, cfg.threshold, batch_size=cfg.batch_size, merge=cfg.merge,
                                          chain=cfg.chain, gate=cfg.gate, largest=largest, appearance=cfg.appearance,
-                                         intensity=cfg.intensity)
+                                         intensity=cfg.intensity, walker=walker)
     evaluated = SDFSMISMethod(model, options).run_group(data, job, group)             # (N, H, W)
 
     _, s_lbl, _ = data.load(support)
@@ -73,7 +74,7 @@ def test_infer_task_and_evaluation_method_give_identical_masks(setup, same_volum
     annotation[..., support_z] = s_lbl[..., support_z] == LIVER
     pairs = data.pairs
     served = _served(setup, pairs[query].image, annotation, None if same_volume else pairs[support].image, folder,
-                     largest=largest)
+                     largest=largest, walker=walker)
     served = np.moveaxis(served[..., list(query_z)] > 0, -1, 0)
     assert evaluated.any() and evaluated.sum() > 0.5 * (data.load(query)[1][..., list(query_z)] == LIVER).sum()
     assert np.array_equal(evaluated, served)

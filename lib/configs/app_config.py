@@ -10,7 +10,7 @@ from pathlib import Path
 
 from lib.configs.fields import OptionError, as_bool, as_choice, as_float, as_fraction, as_int, as_name
 from lib.model.pretrained import DINO_ENV, SD_ENV, weights_source
-from lib.pipeline.options import MERGE_RULES, PropagateOptions
+from lib.pipeline.options import MERGE_RULES, WALKERS, PropagateOptions
 
 PRESETS = ("mini", "sd15", "tiny")
 MAX_APPEARANCE = 100.0   # weight of the place term (lib.pipeline.appearance); far above this the prior changes nothing
@@ -42,6 +42,7 @@ class AppConfig:
     largest: bool = PropagateOptions.largest  # keep each organ's largest connected component (3D), as evaluated
     appearance: float = PropagateOptions.appearance  # across volumes: fuse with pretrained appearance, this weight (0 = off)
     intensity: bool = PropagateOptions.intensity  # refine with the organ's intensity log-odds (lib.pipeline.refine)
+    walker: str = PropagateOptions.walker  # what steps the walk inside one volume: network | registration
     train_dir: str | None = None       # trainer output; None = <app>/model/trained
     use_trained: bool = True           # serve <train_dir>/model when it exists and matches
     result_extension: str = ".nii.gz"  # default result file type (a request may override)
@@ -100,6 +101,7 @@ CONF_FIELDS = {
     "device": (as_choice, DEVICES), "threshold": (as_fraction,), "batch_size": (as_int, 1, 4096),
     "label_tag": (as_name,), "merge": (as_choice, MERGE_RULES), "chain": (as_bool,), "gate": (as_bool,),
     "largest": (as_bool,), "appearance": (as_float, 0.0, MAX_APPEARANCE), "intensity": (as_bool,),
+    "walker": (as_choice, WALKERS),
     "train_dir": (lambda k, v: str(Path(v).expanduser().resolve()),),
     "use_trained": (as_bool,), "result_extension": (as_choice, RESULT_EXTENSIONS), "labels": (_labels,),
     "model_workers": (as_int, 0, 64), "torch_threads": (as_int, 0, 256), "max_voxels": (as_int, 1000, None),

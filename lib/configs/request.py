@@ -7,7 +7,7 @@ served model (lib.pipeline.PropagateOptions.for_model).
 """
 from __future__ import annotations
 
-from lib.configs.app_config import MAX_APPEARANCE, MERGE_RULES, RESULT_EXTENSIONS, AppConfig
+from lib.configs.app_config import MAX_APPEARANCE, MERGE_RULES, RESULT_EXTENSIONS, WALKERS, AppConfig
 from lib.configs.fields import OptionError, as_bool, as_choice, as_float, as_fraction, as_int, as_label_values, read
 
 BACKGROUND_SCRIBBLES = "background_scribbles"   # Slicer's scribbles label_info name: not an organ
@@ -32,8 +32,8 @@ def _label_info(value) -> list[int]:
 
 
 def infer_options(request: dict, cfg: AppConfig | None = None) -> dict:
-    """request params -> {threshold (float | None), batch_size, merge, chain, gate, largest, appearance, intensity, extension,
-    ignore (label values that are not organs)}; OptionError names a bad key and what it accepts."""
+    """request params -> {threshold (float | None), batch_size, merge, chain, gate, largest, appearance, intensity,
+    walker, extension, ignore (label values that are not organs)}; OptionError names a bad key and what it accepts."""
     cfg = cfg or AppConfig()
     return {
         "threshold": read(request, "threshold", as_fraction, cfg.threshold),
@@ -44,6 +44,7 @@ def infer_options(request: dict, cfg: AppConfig | None = None) -> dict:
         "largest": read(request, "largest", as_bool, cfg.largest),
         "appearance": read(request, "appearance", as_float, cfg.appearance, 0.0, MAX_APPEARANCE),
         "intensity": read(request, "intensity", as_bool, cfg.intensity),
+        "walker": read(request, "walker", as_choice, cfg.walker, WALKERS, listed=True),
         "extension": read(request, "result_extension", as_choice, cfg.result_extension, RESULT_EXTENSIONS),
         "ignore": as_label_values("ignore_labels", request.get("ignore_labels")) + _label_info(request.get("label_info")),
     }

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from lib.evaluation.annotator import draw_suggested, load_case, middle_slice, organ_dice, segment, slice_errors
+from lib.pipeline.options import WALKERS, PropagateOptions
 
 POLICIES = ("suggested", "even", "hindsight")
 REPORTED = (1, 2, 3, 5)
@@ -132,6 +133,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-slices", type=int, default=5)
     ap.add_argument("--policies", nargs="+", choices=POLICIES, default=list(POLICIES))
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--walker", choices=WALKERS, default=PropagateOptions.walker, help="the app's `walker` [%(default)s]")
     args = ap.parse_args(argv)
     import sys
 
@@ -140,13 +142,12 @@ def main(argv=None) -> int:
     from lib.evaluation.dataset import EvalDataset
     from lib.evaluation.protocol import DEFAULT_ORGANS
     from lib.model import load_checkpoint
-    from lib.pipeline import PropagateOptions
 
     torch.set_num_threads(args.threads)
     name = "abd-ct" if "ct" in Path(args.data).name else "abd-mri"
     ds = EvalDataset(args.data, DEFAULT_ORGANS[name])
     model = load_checkpoint(args.checkpoint)
-    options = PropagateOptions.for_model(model, largest=True)   # the app's defaults
+    options = PropagateOptions.for_model(model, largest=True, walker=args.walker)   # the app's defaults
     volumes = args.volumes if args.volumes else list(range(len(ds)))
     t0, per_volume = time.perf_counter(), []
     for v in volumes:
@@ -156,7 +157,7 @@ def main(argv=None) -> int:
         print(f"volume {case.case_id}: " + "; ".join(
             f"{p} {[round(100 * float(np.mean(d)), 1) for d in r['dice']]} ({r['seconds']} s)" for p, r in res.items()),
             flush=True)
-        meta = {"dataset": name, "checkpoint": args.checkpoint, "volume_ids": [p["case"] for p in per_volume],
+        meta = {"dataset": name, "checkpoint": args.checkpoint, "walker": args.walker, "volume_ids": [p["case"] for p in per_volume],
                 "volume_indices": volumes[:len(per_volume)],
                 "n_volumes": len(per_volume), "available": len(ds), "organs": DEFAULT_ORGANS[name],
                 "minutes": round((time.perf_counter() - t0) / 60, 1), "command": " ".join(["python -m lib.evaluation.active", *sys.argv[1:]]),

@@ -27,6 +27,7 @@ from lib.evaluation.protocol import (
 )
 from lib.evaluation.report import write_json, write_markdown, write_overlays
 from lib.evaluation.runner import run_plan
+from lib.pipeline.options import WALKERS, PropagateOptions
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="without the intensity log-odds of the annotated organ and the query's own (lib.pipeline.refine): "
                         "in the --appearance fusion, and on the --chain of sdfsmis or registration inside one "
                         "volume (the app uses them; for ablations)")
+    p.add_argument("--walker", choices=WALKERS, default=PropagateOptions.walker,
+                   help="sdfsmis with --chain inside one volume: what makes each step of the walk, the network or the "
+                        "neighbour's mask registered onto the slice (lib.pipeline.register_step; the app's "
+                        "`walker`; across volumes the network always segments) [%(default)s]")
     p.add_argument("--features", metavar="FILE",
                    help="prototype, registration: a fine-tuned appearance backbone (`python -m lib.train_appearance`) "
                         "instead of ImageNet's")
@@ -113,6 +118,8 @@ def _method_factory(args, dataset_name: str):
     if not args.intensity and not (args.appearance or (args.method in ("sdfsmis", "registration") and args.chain)):
         raise ProtocolError("--no-intensity changes the --appearance fusion or the --chain of sdfsmis or registration "
                             "inside one volume; use it with one of them")
+    if args.walker != PropagateOptions.walker and (args.method != "sdfsmis" or args.server):
+        raise ProtocolError("--walker chooses the steps of sdfsmis in-process (on a server: --conf walker)")
     if args.features and not Path(args.features).is_file():
         raise ProtocolError(f"--features {args.features}: no such file")
     if args.server:
@@ -142,11 +149,9 @@ def _method_factory(args, dataset_name: str):
     from lib.model import build_model, load_checkpoint, read_meta
 
     def method_of(model, info):
-        from lib.pipeline import PropagateOptions
-
         options = PropagateOptions.for_model(model, batch_size=args.batch_size, chain=args.chain, gate=args.gate,
                                              largest=not args.all_components, appearance=args.appearance,
-                                             locate=args.locate, intensity=args.intensity)
+                                             locate=args.locate, intensity=args.intensity, walker=args.walker)
         return SDFSMISMethod(model, options, info)
 
     if args.preset:

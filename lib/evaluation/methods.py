@@ -167,7 +167,7 @@ class SDFSMISMethod(ArrayMethod):
                 "threshold": self.options.threshold, "merge": self.options.merge,
                 "align_support": self.model.config.align_support, "appearance_weight": self.options.appearance,
                 "locate_support": self.options.locate, "intensity_log_odds": self.options.intensity,
-                **self.info}
+                "walker": self.options.walker, **self.info}
 
     def run_group(self, dataset, job, group) -> np.ndarray:
         from lib.pipeline import propagate

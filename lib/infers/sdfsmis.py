@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
-from lib.configs.app_config import MERGE_RULES, AppConfig
+from lib.configs.app_config import MERGE_RULES, WALKERS, AppConfig
 from lib.configs.fields import OptionError
 from lib.configs.model_store import ModelStore
 from lib.configs.request import infer_options
@@ -47,6 +47,7 @@ class SDFSMISInfer(InferTask):
                 "largest": cfg.largest,
                 "appearance": cfg.appearance,
                 "intensity": cfg.intensity,
+                "walker": [cfg.walker] + [w for w in WALKERS if w != cfg.walker],
                 "result_extension": cfg.result_extension,
             },
         )
@@ -96,7 +97,7 @@ class SDFSMISInfer(InferTask):
                 run = PropagateOptions.for_model(model, opts["threshold"], batch_size=opts["batch_size"],
                                                  merge=opts["merge"], chain=opts["chain"], gate=opts["gate"],
                                                  largest=opts["largest"], appearance=opts["appearance"],
-                                                 intensity=opts["intensity"])
+                                                 intensity=opts["intensity"], walker=opts["walker"])
                 result = propagate(model, image, label, run, support_image=support_image)
                 served = self.store.info()
         except AnnotationError as err:
@@ -123,6 +124,7 @@ class SDFSMISInfer(InferTask):
             "largest": run.largest,
             "appearance": run.appearance,
             "intensity": run.intensity,
+            "walker": run.walker,
             "model": served,
             "latencies": {
                 "pre": round(pre - start, 3), "infer": round(infer - pre, 3), "post": round(end - infer, 3),

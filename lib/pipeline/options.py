@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 MERGE_RULES = ("probability", "order")   # how a voxel claimed by several organs is resolved
+WALKERS = ("network", "registration")   # what steps a chained walk inside one volume (lib.pipeline.register_step)
 
 
 @dataclass(frozen=True)
@@ -19,7 +20,10 @@ class PropagateOptions:
     the other volume's support onto each query slice by feature template matching first (off: the
     support where it is, for ablations); intensity: refine with the intensity log-odds of the annotated
     organ, then of the query's own (lib.pipeline.refine): across volumes inside the appearance fusion,
-    inside one volume on the chained walk's result (off: for ablations)."""
+    inside one volume on the chained walk's result (off: for ablations); walker: WALKERS, what makes
+    each step of a walk inside one volume (registration, the default: the neighbour's mask registered
+    onto the slice, lib.pipeline.register_step, measured above the embedded network's walk in a third of
+    its time, docs/evaluation.md; network: the model's step; across volumes the network always segments)."""
 
     threshold: float
     batch_size: int = 8
@@ -30,10 +34,13 @@ class PropagateOptions:
     appearance: float = 0.35
     locate: bool = True
     intensity: bool = True
+    walker: str = "registration"
 
     def __post_init__(self):
         if self.merge not in MERGE_RULES:
             raise ValueError(f"unknown merge rule {self.merge!r}: choose one of {' | '.join(MERGE_RULES)}")
+        if self.walker not in WALKERS:
+            raise ValueError(f"unknown walker {self.walker!r}: choose one of {' | '.join(WALKERS)}")
         if not 0.0 < float(self.threshold) < 1.0:
             raise ValueError(f"threshold {self.threshold!r} must be between 0 and 1")
         if not float(self.appearance) >= 0.0:

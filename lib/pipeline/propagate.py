@@ -15,6 +15,7 @@ from lib.pipeline.appearance import AppearancePrior
 from lib.pipeline.confidence import next_slices, slice_confidence
 from lib.pipeline.options import PropagateOptions
 from lib.pipeline.refine import refine_inside
+from lib.pipeline.register_step import RegistrationStep
 from lib.pipeline.step import Step, decided
 from lib.pipeline.walk import ChainWalk, chain, seeded_chain
 from lib.transforms import normalize_volume
@@ -154,6 +155,7 @@ def propagate(model, image, support_label, options: PropagateOptions, support_im
         wanted = np.setdiff1d(wanted, copied)
     aligner = support_aligner(getattr(model.config, "align_support", "none"))
     step = Step(model, options.threshold, aligner.align if aligner is not None else None, options.batch_size)
+    walker = RegistrationStep(options.threshold) if same and options.walker == "registration" else step
     prior = None if same or not options.appearance else AppearancePrior(
         options.appearance, device=str(model.device), memo=True, locate=options.locate,
         intensity=options.intensity)   # organs share slices
@@ -207,16 +209,16 @@ def propagate(model, image, support_label, options: PropagateOptions, support_im
                     p = np.where(gated, p, 0.0)
                 probs[value][mine] = p
     agreements = []
-    for (value, targets, key), wk, (_, p), a in zip(owners, walks, chain(step, q, walks, agreement=agreements)
+    for (value, targets, key), wk, (_, p), a in zip(owners, walks, chain(walker, q, walks, agreement=agreements)
                                                     if walks else [], agreements):
         probs[value][targets] = p[targets]
         agree[value][targets] = a[targets]
         if walks_cache is not None:
             walks_cache[key] = (wk.lo, wk.hi, p[wk.lo:wk.hi + 1].copy(), a[wk.lo:wk.hi + 1].copy())
     if options.chain and same and walks:
-        _bridge(step, q, lab, probs, agree, source, options.gate)
+        _bridge(walker, q, lab, probs, agree, source, options.gate)
     if options.chain and same and options.intensity:
-        _refine(q, lab, probs, wanted, step.threshold)
+        _refine(q, lab, probs, wanted, options.threshold)
     _merge(result.label, probs, wanted, options, lab if same else None)
     if copied:   # annotated pixels kept exactly; an organ not annotated on such a slice is segmented there
         result.label[..., copied] = np.where(label[..., copied] > 0, label[..., copied], result.label[..., copied])
@@ -226,7 +228,7 @@ def propagate(model, image, support_label, options: PropagateOptions, support_im
     return result
 
 
-def _bridge(step: Step, q: np.ndarray, lab: np.ndarray, probs, agree, source, gate: bool) -> None:
+def _bridge(step: Step | RegistrationStep, q: np.ndarray, lab: np.ndarray, probs, agree, source, gate: bool) -> None:
     """Between two slices annotated with an organ the organ is there: a slice its nearer annotated slice's
     walk left empty (that walk ended early) is walked to from the other annotated slice instead.
     q, lab (Z, H, W); probs / agree / source per organ as in `propagate`, filled in place."""
