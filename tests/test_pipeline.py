@@ -12,7 +12,7 @@ from lib.pipeline import AnnotationError, PropagateOptions
 from lib.pipeline import propagate as run_propagate
 from lib.pipeline.propagate import annotated_slices, check_annotation, check_volume, nearest_slices
 from lib.pipeline.step import Step
-from lib.pipeline.walk import ChainWalk, chain, walk
+from lib.pipeline.walk import ChainWalk, chain
 
 
 class StubModel:
@@ -208,10 +208,6 @@ def test_chain_hooks_align_each_support_and_verify_each_step():
         assert np.array_equal(masks[z], np.roll(ann > 0, z - 3, axis=0))
     assert masks[2].any() and not masks[1].any() and not masks[0].any()
     assert np.array_equal(masks, probs > 0.5)
-    # walk alone: any step function; a direction ends after its first empty mask
-    visits = []
-    out = walk(6, 2, ann > 0, lambda a, b, m: visits.append((a, b)) or (m if b < 4 else np.zeros_like(m)))
-    assert visits == [(2, 3), (3, 4), (2, 1), (1, 0)] and sorted(out) == [0, 1, 2, 3, 4]
 
 
 def test_propagate_chain_registers_each_step_for_an_aligned_model():

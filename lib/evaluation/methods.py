@@ -8,14 +8,24 @@ from __future__ import annotations
 
 import numpy as np
 
-from lib.transforms.postprocess import chain_gate, intensity_gate
+from lib.transforms.postprocess import intensity_gate
 
 METHODS = ("sdfsmis", "copy", "registration", "prototype")   # prototype: lib/evaluation/prototype.py
 
 
-def chain_extent(group) -> tuple[int, int]:
-    """(first, last) slice a chained walk covers: the group's query slices and its support slice."""
-    return min(*group.query_z, group.support_z), max(*group.query_z, group.support_z)
+def propagated(model, options, dataset, job, group) -> np.ndarray:
+    """The app's pipeline (lib.pipeline.propagate) on one group: an annotation holding the group's support
+    slice, the request the app would get -> the group's query slices of the result, bool (N, H, W)."""
+    from lib.pipeline import propagate
+
+    q_img, _, _ = dataset.load(job.query)
+    s_img, s_lbl, _ = dataset.load(group.support)
+    annotation = np.zeros(s_lbl.shape, dtype=np.uint8)
+    annotation[..., group.support_z] = s_lbl[..., group.support_z] == job.label
+    same = group.support == job.query
+    result = propagate(model, q_img, annotation, options, support_image=None if same else s_img,
+                       normalized=True, slices=list(group.query_z))
+    return np.moveaxis(result.label[..., list(group.query_z)] > 0, -1, 0)
 
 
 class ArrayMethod:
@@ -48,11 +58,6 @@ class ArrayMethod:
         query, support_image, support_mask = arrays or self._arrays(dataset, job, group)
         return intensity_gate(query, masks, support_image, support_mask)
 
-    def verifier(self, stack: np.ndarray, start: int, seed: np.ndarray):
-        """The per-step check of a chained walk over `stack` (N, H, W) from the annotated slice `start`
-        (mask `seed`): the intensity gate against the annotation when `gate` is set, else None."""
-        return chain_gate(stack, start, seed) if self.gate else None
-
     def segment(self, query, support_image, support_mask) -> np.ndarray:
         raise NotImplementedError
 
@@ -76,11 +81,10 @@ class RegistrationMethod(ArrayMethod):
     warped with nearest neighbour (lib.transforms.align.SliceAligner: affine + demons on a 64 px
     grid, the metric restricted to the support organ dilated by 40 px at 256; deterministic).
 
-    `chain` (propagation inside one volume): register each slice to its neighbour towards the
-    annotated slice and warp that neighbour's result, walking outward one slice at a time
-    (lib.pipeline.walk.walk); with the gate on, each step's result is gated before it is carried on; with
-    `intensity` (the default) the walk's result is then refined as the app refines the network's
-    (lib.pipeline.refine.refine_inside), so that both are compared with the same last step.
+    `chain` (propagation inside one volume): the app's registration walk (lib.pipeline.propagate with no
+    model, walker registration: each slice's mask its neighbour's registered onto it, outward from the
+    annotated slice; with the gate on, each step gated before it is carried on; with `intensity`, the
+    default, the walk's result refined as the app refines it), with the aligner's default parameters.
     `appearance` > 0: across volumes, the support is first located on each query slice (`locate`), then
     registered, and each warped mask is fused with pretrained appearance and intensity (lib.pipeline.appearance,
     that weight; `features`: a fine-tuned backbone, None = ImageNet's; `intensity` off: without intensity).
@@ -101,6 +105,7 @@ class RegistrationMethod(ArrayMethod):
 
     def describe(self) -> dict:
         return {"method": self.name, **self.aligner.params, "chain": self.chain, "intensity_gate": self.gate,
+                "chain_walk": "lib.pipeline.register_step (the app's walker registration)" if self.chain else None,
                 "intensity_log_odds": self.intensity if self.chain or self.prior else False,
                 "failures_fell_back_to_copy": self.aligner.failures,
                 **(self.prior.describe() if self.prior else {"appearance_weight": 0.0})}
@@ -126,26 +131,11 @@ class RegistrationMethod(ArrayMethod):
             return self.gated(fused, dataset, job, group, arrays)
         if not self.chain or group.support != job.query:
             return super().run_group(dataset, job, group)
-        from lib.pipeline.walk import walk
+        from lib.pipeline import PropagateOptions
 
-        image, label, _ = dataset.load(job.query)
-        lo, hi = chain_extent(group)
-        stack = np.moveaxis(image[..., lo:hi + 1], -1, 0)
-        start, seed = group.support_z - lo, label[..., group.support_z] == job.label
-        verify = self.verifier(stack, start, seed)
-
-        def step(a, b, mask):
-            warped = self.aligner.warp_mask(stack[b], stack[a], mask)
-            return warped if verify is None else verify(b, warped)
-
-        masks = walk(len(stack), start, seed, step)
-        empty = np.zeros_like(seed)
-        walked = np.stack([masks.get(z, empty) for z in range(len(stack))])
-        if self.intensity:
-            from lib.pipeline.refine import refine_inside
-
-            walked = refine_inside(stack, walked, stack[start][None], seed[None])
-        return walked[np.asarray(group.query_z) - lo]
+        options = PropagateOptions(threshold=0.5, gate=self.gate, largest=False, intensity=self.intensity,
+                                   walker="registration")
+        return propagated(None, options, dataset, job, group)
 
 
 class SDFSMISMethod(ArrayMethod):
@@ -170,13 +160,4 @@ class SDFSMISMethod(ArrayMethod):
                 "walker": self.options.walker, **self.info}
 
     def run_group(self, dataset, job, group) -> np.ndarray:
-        from lib.pipeline import propagate
-
-        q_img, _, _ = dataset.load(job.query)
-        s_img, s_lbl, _ = dataset.load(group.support)
-        annotation = np.zeros(s_lbl.shape, dtype=np.uint8)
-        annotation[..., group.support_z] = s_lbl[..., group.support_z] == job.label
-        same = group.support == job.query
-        result = propagate(self.model, q_img, annotation, self.options, support_image=None if same else s_img,
-                           normalized=True, slices=list(group.query_z))
-        return np.moveaxis(result.label[..., list(group.query_z)] > 0, -1, 0)
+        return propagated(self.model, self.options, dataset, job, group)

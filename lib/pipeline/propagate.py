@@ -114,6 +114,9 @@ def propagate(model, image, support_label, options: PropagateOptions, support_im
               normalized: bool = False, slices=None, walks_cache: dict | None = None) -> PropagationResult:
     """Segment every organ of `support_label` in `image` (docs/app.md, "How a result is made").
 
+    model: the SD-FSMIS model; None only for a chained walk inside one volume with walker registration
+        (the evaluation's registration baseline walks so).
+
     image: (H, W, Z) query volume. support_label: label map on the support volume (H', W', Z').
     support_image: the support volume; None = `image` itself (inside one volume: the annotated slices
         are kept unchanged in the result, and each organ is segmented on every slice it is not annotated on).
@@ -153,9 +156,15 @@ def propagate(model, image, support_label, options: PropagateOptions, support_im
     wanted = every if slices is None else np.intersect1d(every, np.asarray(slices, dtype=np.int64))
     if same and len(organs) == 1:
         wanted = np.setdiff1d(wanted, copied)
-    aligner = support_aligner(getattr(model.config, "align_support", "none"))
-    step = Step(model, options.threshold, aligner.align if aligner is not None else None, options.batch_size)
-    walker = RegistrationStep(options.threshold) if same and options.walker == "registration" else step
+    walker = RegistrationStep(options.threshold) if same and options.walker == "registration" else None
+    if model is None:   # the registration baseline of the evaluation: this walk, no network
+        if walker is None or not options.chain:
+            raise ValueError("without a model only a chained walk inside one volume by registration can segment")
+        step = walker
+    else:
+        aligner = support_aligner(getattr(model.config, "align_support", "none"))
+        step = Step(model, options.threshold, aligner.align if aligner is not None else None, options.batch_size)
+    walker = walker or step
     prior = None if same or not options.appearance else AppearancePrior(
         options.appearance, device=str(model.device), memo=True, locate=options.locate,
         intensity=options.intensity)   # organs share slices

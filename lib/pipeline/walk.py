@@ -3,8 +3,8 @@
 The training episodes are near-slice pairs, so a one-slice step is the task the network learned.
 From an annotated slice the walk goes outward one slice at a time, each result the next support; a
 direction ends where the organ disappears (an empty result), so the walk also finds where the organ
-ends. `walk` is the walk for any step function (the registration baseline uses it); `chain` walks
-several organs / annotated slices of one stack with the network at once, every live direction of
+ends. `chain` walks several organs / annotated slices of one stack at once with a step (the network's,
+lib.pipeline.step, or registration's, lib.pipeline.register_step), every live direction of
 every walk advancing in lockstep so that each round is one batch of `Step.pairs`; `seeded_chain`
 starts a walk from a slice segmented from another volume. `verify(z, mask)` checks each result
 before it is carried on (the app's intensity gate), so an error is not carried along the chain.
@@ -17,23 +17,6 @@ from typing import Callable
 import numpy as np
 
 from lib.pipeline.step import Step, decided
-
-StepFn = Callable[[int, int, np.ndarray], np.ndarray]   # (z_from, z_to, bool mask of z_from) -> mask of z_to
-
-
-def walk(n: int, start: int, start_mask: np.ndarray, step: StepFn) -> dict[int, np.ndarray]:
-    """Visit start+1, start+2, ... then start-1, start-2, ... of n slices, each from its neighbour
-    towards `start`; a direction ends at the edge or after an empty mask.
-    -> {z: bool (H, W) mask} of the visited slices, `start_mask` at `start`."""
-    masks = {start: np.asarray(start_mask, dtype=bool)}
-    for d in (1, -1):
-        z = start + d
-        while 0 <= z < n:
-            masks[z] = np.asarray(step(z - d, z, masks[z - d]), dtype=bool)
-            if not masks[z].any():
-                break
-            z += d
-    return masks
 
 
 @dataclass
