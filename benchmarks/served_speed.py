@@ -159,7 +159,7 @@ class Breakdown:
 
 def in_process(image_path: Path, label_path: Path, repeats: int, walker: str) -> dict:
     """Read, propagate (the app's defaults, this walker) and write, as the infer task does."""
-    from lib.pipeline import PropagateOptions, propagate
+    from lib.pipeline import propagate
     from lib.infers.volume_io import read_image, read_volume, to_array, write_label
     from lib.model import load_checkpoint
 

@@ -88,6 +88,12 @@ def as_choice(key: str, value, choices) -> str:
     return v
 
 
+def default_first(value: str, choices) -> list[str]:
+    """A choice and the others, in their order: how a client's drop-down is offered, its default first
+    (read back with `read(..., listed=True)`)."""
+    return [value] + [c for c in choices if c != value]
+
+
 def as_name(key: str, value) -> str:
     """An image id, label tag or session id: 1-128 characters, no '/' '\\' or '..', no leading '.' or '~'."""
     if not isinstance(value, str) or not value or len(value) > MAX_NAME or not _NAME.match(value) or ".." in value:

@@ -14,7 +14,7 @@ import numpy as np
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from lib.configs.app_config import MERGE_RULES, WALKERS, AppConfig
-from lib.configs.fields import OptionError
+from lib.configs.fields import OptionError, default_first
 from lib.configs.model_store import ModelStore
 from lib.configs.request import infer_options
 from lib.infers.errors import bad_request
@@ -41,13 +41,13 @@ class SDFSMISInfer(InferTask):
                 "support_tag": cfg.label_tag,
                 "threshold": cfg.threshold if cfg.threshold is not None else "",
                 "batch_size": cfg.batch_size,
-                "merge": list(MERGE_RULES) if cfg.merge == MERGE_RULES[0] else list(reversed(MERGE_RULES)),
+                "merge": default_first(cfg.merge, MERGE_RULES),
                 "chain": cfg.chain,
                 "gate": cfg.gate,
                 "largest": cfg.largest,
                 "appearance": cfg.appearance,
                 "intensity": cfg.intensity,
-                "walker": [cfg.walker] + [w for w in WALKERS if w != cfg.walker],
+                "walker": default_first(cfg.walker, WALKERS),
                 "result_extension": cfg.result_extension,
             },
         )

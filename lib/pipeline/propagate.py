@@ -156,15 +156,15 @@ def propagate(model, image, support_label, options: PropagateOptions, support_im
     wanted = every if slices is None else np.intersect1d(every, np.asarray(slices, dtype=np.int64))
     if same and len(organs) == 1:
         wanted = np.setdiff1d(wanted, copied)
-    walker = RegistrationStep(options.threshold) if same and options.walker == "registration" else None
+    registration = RegistrationStep(options.threshold) if same and options.walker == "registration" else None
     if model is None:   # the registration baseline of the evaluation: this walk, no network
-        if walker is None or not options.chain:
+        if registration is None or not options.chain:
             raise ValueError("without a model only a chained walk inside one volume by registration can segment")
-        step = walker
+        step = registration
     else:
         aligner = support_aligner(getattr(model.config, "align_support", "none"))
         step = Step(model, options.threshold, aligner.align if aligner is not None else None, options.batch_size)
-    walker = walker or step
+    walker = registration or step   # what steps the chained walks inside one volume
     prior = None if same or not options.appearance else AppearancePrior(
         options.appearance, device=str(model.device), memo=True, locate=options.locate,
         intensity=options.intensity)   # organs share slices

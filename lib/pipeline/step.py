@@ -45,6 +45,16 @@ def distinct_rows(x: np.ndarray) -> tuple[list[int], np.ndarray]:
     return np.unique(index, return_index=True)[1].tolist(), index   # ids follow first occurrence
 
 
+def in_threads(fn, idx, workers: int) -> list:
+    """[fn(i) for i in idx] on up to `workers` threads (in order); one thread or one item: in this one.
+    SimpleITK registers outside the GIL, so the supports of a batch align at once."""
+    idx = list(idx)
+    if workers == 1 or len(idx) < 2:
+        return [fn(i) for i in idx]
+    with ThreadPoolExecutor(min(workers, len(idx))) as pool:
+        return list(pool.map(fn, idx))
+
+
 def decided(probs, keep, threshold: float) -> np.ndarray:
     """Probabilities (N, H, W) after a decision `keep` bool (N, H, W) made outside the network (the gate,
     the appearance fusion): kept pixels at least just above `threshold`, the others 0 (so that
@@ -93,11 +103,8 @@ class Step:
 
     def _supports(self, queries, images, masks, idx) -> list[tuple[np.ndarray, np.ndarray]]:
         """The supports of pairs `idx`, aligned on up to `workers` threads (in order)."""
-        one = lambda i: self._support(queries[i], images[i], masks[i])   # noqa: E731
-        if self.align is None or self.workers == 1 or len(idx) == 1:
-            return [one(i) for i in idx]
-        with ThreadPoolExecutor(min(self.workers, len(idx))) as pool:
-            return list(pool.map(one, idx))
+        return in_threads(lambda i: self._support(queries[i], images[i], masks[i]), idx,
+                          1 if self.align is None else self.workers)
 
     @torch.inference_mode()
     def pairs(self, queries, images, masks, keep_pixels: int = 0, supports: bool = False):
