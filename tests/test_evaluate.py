@@ -362,6 +362,13 @@ def test_chained_registration_follows_an_organ_that_drifts_through_the_volume():
     raw = RegistrationMethod(chain=True, intensity=False).run_group(OneVolume(), job, job.groups[0])
     assert min(dice(chained[i], query_z[i]) for i in ends) > 0.85 > max(dice(raw[i], query_z[i]) for i in ends)
     assert RegistrationMethod(chain=True, intensity=False).describe()["intensity_log_odds"] is False
+    # the walk steps with the method's own aligner, so its parameters (--method registration's **params)
+    # and its failure count reach the chained walk
+    method = RegistrationMethod(chain=True, demons_iterations=5)
+    calls, warp = [], method.aligner.warp_mask
+    method.aligner.warp_mask = lambda *args: calls.append(1) or warp(*args)
+    method.run_group(OneVolume(), job, job.groups[0])
+    assert len(calls) >= n - 1
 
 
 # ----------------------------------------------------------------------------- errors

@@ -13,9 +13,10 @@ from lib.transforms.postprocess import intensity_gate
 METHODS = ("sdfsmis", "copy", "registration", "prototype")   # prototype: lib/evaluation/prototype.py
 
 
-def propagated(model, options, dataset, job, group) -> np.ndarray:
+def propagated(model, options, dataset, job, group, aligner=None) -> np.ndarray:
     """The app's pipeline (lib.pipeline.propagate) on one group: an annotation holding the group's support
-    slice, the request the app would get -> the group's query slices of the result, bool (N, H, W)."""
+    slice, the request the app would get -> the group's query slices of the result, bool (N, H, W).
+    aligner: the registration walker's (None: its defaults)."""
     from lib.pipeline import propagate
 
     q_img, _, _ = dataset.load(job.query)
@@ -24,7 +25,7 @@ def propagated(model, options, dataset, job, group) -> np.ndarray:
     annotation[..., group.support_z] = s_lbl[..., group.support_z] == job.label
     same = group.support == job.query
     result = propagate(model, q_img, annotation, options, support_image=None if same else s_img,
-                       normalized=True, slices=list(group.query_z))
+                       normalized=True, slices=list(group.query_z), aligner=aligner)
     return np.moveaxis(result.label[..., list(group.query_z)] > 0, -1, 0)
 
 
@@ -84,7 +85,7 @@ class RegistrationMethod(ArrayMethod):
     `chain` (propagation inside one volume): the app's registration walk (lib.pipeline.propagate with no
     model, walker registration: each slice's mask its neighbour's registered onto it, outward from the
     annotated slice; with the gate on, each step gated before it is carried on; with `intensity`, the
-    default, the walk's result refined as the app refines it), with the aligner's default parameters.
+    default, the walk's result refined as the app refines it), stepping with this method's aligner.
     `appearance` > 0: across volumes, the support is first located on each query slice (`locate`), then
     registered, and each warped mask is fused with pretrained appearance and intensity (lib.pipeline.appearance,
     that weight; `features`: a fine-tuned backbone, None = ImageNet's; `intensity` off: without intensity).
@@ -135,7 +136,7 @@ class RegistrationMethod(ArrayMethod):
 
         options = PropagateOptions(threshold=0.5, gate=self.gate, largest=False, intensity=self.intensity,
                                    walker="registration")
-        return propagated(None, options, dataset, job, group)
+        return propagated(None, options, dataset, job, group, aligner=self.aligner)
 
 
 class SDFSMISMethod(ArrayMethod):

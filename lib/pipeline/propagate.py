@@ -111,7 +111,8 @@ class PropagationResult:
 
 
 def propagate(model, image, support_label, options: PropagateOptions, support_image=None,
-              normalized: bool = False, slices=None, walks_cache: dict | None = None) -> PropagationResult:
+              normalized: bool = False, slices=None, walks_cache: dict | None = None,
+              aligner=None) -> PropagationResult:
     """Segment every organ of `support_label` in `image` (docs/app.md, "How a result is made").
 
     model: the SD-FSMIS model; None only for a chained walk inside one volume with walker registration
@@ -139,6 +140,7 @@ def propagate(model, image, support_label, options: PropagateOptions, support_im
         annotation: a chained walk from an annotated slice is reused when an earlier call walked a range
         that holds the new one (each direction of a walk depends only on its own slices, so the rows are
         the same; an added slice only narrows its neighbours' ranges).
+    aligner: the registration walker's SliceAligner (default: its default parameters, one thread).
     """
     start = time.perf_counter()
     same = support_image is None
@@ -156,7 +158,7 @@ def propagate(model, image, support_label, options: PropagateOptions, support_im
     wanted = every if slices is None else np.intersect1d(every, np.asarray(slices, dtype=np.int64))
     if same and len(organs) == 1:
         wanted = np.setdiff1d(wanted, copied)
-    registration = RegistrationStep(options.threshold) if same and options.walker == "registration" else None
+    registration = RegistrationStep(options.threshold, aligner) if same and options.walker == "registration" else None
     if model is None:   # the registration baseline of the evaluation: this walk, no network
         if registration is None or not options.chain:
             raise ValueError("without a model only a chained walk inside one volume by registration can segment")

@@ -93,7 +93,8 @@ class TrainOptions:
                       "supervoxel lasts; 1 = ADNet/RPT's adjacent slices", metavar="N")
     cross: float = opt(0.0, "share of episodes whose support and query come from two volumes of one dataset, "
                             "the query mask the query volume's own supervoxels under the support region carried "
-                            "by a 3D affine registration (lib.data.cross_volume); 0 = within-volume only")
+                            "to the same relative position in the body box (lib.data.cross_volume); 0 = "
+                            "within-volume only")
     aug_strength: float = opt(1.0, "multiply the geometric augmentation ranges (rotation, shear, translation, "
                                    "scale); 1 = RPT")
     align: str | None = opt(None, "register each episode's support onto its query before the network sees it, and "
