@@ -308,7 +308,7 @@ def test_load_rejects_non_checkpoint(tmp_path):
 
 
 def test_unknown_preset_names_the_choices():
-    with pytest.raises(ValueError, match="sd15, mini, mini-lite2, tiny"):
+    with pytest.raises(ValueError, match="sd15, mini, mini-lite2, mini-lite2-ft, tiny"):
         build_model("big")
 
 

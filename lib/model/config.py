@@ -37,6 +37,7 @@ class SDFSMISConfig:
     edit_prior: bool = False       # prior_residual: apply the network's changes to the full-resolution support mask
     prior_backbone: str = "none"   # pretrained 2D prior in VTCT, QE and conv_in: none [paper] | efficientnet-lite2 (lib.model.prior)
     prior_size: int = 256          # the prior backbone's input H = W (its features at prior_size / 8, resized to the latents)
+    train_prior: bool = False      # the prior backbone fine-tuned (recipe lr_prior) and stored (False: frozen, the wheel's)
     sources: dict[str, Any] = field(default_factory=dict)  # where pretrained parts came from
 
     @property

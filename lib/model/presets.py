@@ -78,6 +78,9 @@ PRESETS: dict[str, SDFSMISConfig] = {
     # Its new parts start at zero, so warm-started from a `mini` checkpoint it begins as that model
     # (but for QE's choice): `python -m lib.train ... --preset mini-lite2 --init apps/sdfsmis/model`.
     "mini-lite2": None,   # filled below from "mini"
+    # mini-lite2 with its backbone fine-tuned at a low learning rate (the recipe's lr_prior) and stored
+    # in the checkpoint; an ablation (docs/model.md), not the default.
+    "mini-lite2-ft": None,
     # Smallest widths, 64x64 inputs: for tests only.
     "tiny": SDFSMISConfig(
         preset="tiny", unet=_unet([16, 32], 2, 32, 8, 8), vae=_vae([8, 8, 8, 8], 4),
@@ -89,6 +92,7 @@ PRESETS: dict[str, SDFSMISConfig] = {
 
 PRESETS["mini-lite2"] = dataclasses.replace(PRESETS["mini"], preset="mini-lite2", prior_backbone="efficientnet-lite2",
                                            prior_size=256)
+PRESETS["mini-lite2-ft"] = dataclasses.replace(PRESETS["mini-lite2"], preset="mini-lite2-ft", train_prior=True)
 
 
 def preset_config(name: str) -> SDFSMISConfig:

@@ -7,6 +7,9 @@ parts, a frozen ImageNet EfficientNet-Lite2 (lib.model.backbone) adds
   prototype vs. local background prototypes, lib.model.prototypes) choose the query prototype p_q;
 - to the widened conv_in: the feature maps (support and query) and the query's organ logit map,
   beside the latents (zero-initialised input channels).
+
+Frozen by default, as the paper freezes DINOv2; `config.train_prior` fine-tunes it (at the recipe's
+lr_prior) and the checkpoint then stores it.
 """
 from __future__ import annotations
 
@@ -38,9 +41,11 @@ class PriorBranch(nn.Module):
     (feature maps are resized to it); tokens / dim / hidden: VTCT's n_tokens, cross-attention width
     and MLP width."""
 
-    def __init__(self, size: int, latent: int, tokens: int, dim: int, hidden: int, pretrained: bool = True):
+    def __init__(self, size: int, latent: int, tokens: int, dim: int, hidden: int, pretrained: bool = True,
+                 trainable: bool = False):
         super().__init__()
-        self.features = PretrainedFeatures(pretrained).requires_grad_(False).eval()
+        self.trainable = trainable                  # fine-tuned (BatchNorm statistics stay ImageNet's)
+        self.features = PretrainedFeatures(pretrained).requires_grad_(trainable).eval()
         self.size, self.latent, self.tokens, self.dim = size, latent, tokens, dim
         c = PretrainedFeatures.channels
         self.mlp = nn.Sequential(nn.Linear(c, hidden), nn.GELU(), nn.Linear(hidden, tokens * dim))
@@ -62,7 +67,7 @@ class PriorBranch(nn.Module):
 
     def maps(self, images: torch.Tensor) -> torch.Tensor:
         """(N, 1, S, S) in [0, 1] -> feature maps (N, C, latent, latent)."""
-        with torch.no_grad():
+        with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
             f = self.features.embed(images, self.size)
         if f.shape[-1] != self.latent:
             f = F.interpolate(f, size=(self.latent, self.latent), mode="bilinear")

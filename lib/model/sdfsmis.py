@@ -67,7 +67,7 @@ class SDFSMIS(nn.Module):
             raise ValueError(f"prior_backbone {config.prior_backbone!r}: choose one of {' | '.join(BACKBONES)}")
         if config.prior_backbone != "none":   # + pretrained feature maps (and the query's organ logit)
             self.prior_net = PriorBranch(config.prior_size, config.latent_size, config.n_tokens,
-                                         unet.config.cross_attention_dim, config.vtct_hidden)
+                                         unet.config.cross_attention_dim, config.vtct_hidden, trainable=config.train_prior)
             self.conv_in_support = extend_conv_in(self.conv_in_support, self.prior_net.support_channels)
             self.conv_in_query = extend_conv_in(self.conv_in_query, self.prior_net.query_channels)
         unet.conv_in = nn.Identity()                            # each branch applies its own conv first
@@ -99,7 +99,8 @@ class SDFSMIS(nn.Module):
         return self
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Trainable parameters by learning-rate group: 'unet' (pretrained) and 'new' (MLP, conv_in, SII)."""
+        """Trainable parameters by learning-rate group: 'unet' (pretrained), 'new' (MLP, conv_in, SII) and
+        'prior' (the pretrained prior's backbone when `config.train_prior`, else empty)."""
         sii = {id(p) for p in sii_parameters(self.unet)}
         new = list(self.conv_in_support.parameters()) + list(self.conv_in_query.parameters())
         new += sii_parameters(self.unet) + list(self.vtct.mlp.parameters()) + list(self.vtct.norm.parameters())
@@ -108,7 +109,8 @@ class SDFSMIS(nn.Module):
         if self.config.train_encoder:
             new += list(self.vtct.encoder.parameters())
         unet = [p for p in self.unet.parameters() if id(p) not in sii]
-        return {"unet": unet, "new": [p for p in new if p.requires_grad]}
+        prior = list(self.prior_net.features.parameters()) if self.prior_net is not None and self.config.train_prior else []
+        return {"unet": unet, "new": [p for p in new if p.requires_grad], "prior": prior}
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Pseudo-RGB + frozen VAE: (N, 1, S, S) in [0, 1] -> latents (N, 4, s, s), mean * scaling."""

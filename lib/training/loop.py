@@ -96,15 +96,18 @@ def run_recipe(cfg: SDFSMISConfig, opts: TrainOptions) -> Recipe:
 
 # ---- optimiser and step -------------------------------------------------------------------------
 def param_groups(model: SDFSMIS, stage: str, recipe: Recipe) -> list[dict]:
-    """AdamW groups: the VAE alone ('vae' stage), else the UNet and the new layers."""
+    """AdamW groups: the VAE alone ('vae' stage), else the UNet, the new layers and a fine-tuned prior."""
     if stage == "vae":
         if model.config.sources.get("sd"):
             raise ValueError("the sd15 VAE is pretrained: the 'vae' stage is for the mini and tiny presets")
         model.vae.requires_grad_(True)
         return [{"params": list(model.vae.parameters()), "lr": recipe.lr_vae, "name": "vae"}]
     groups = model.param_groups()
-    return [{"params": groups["unet"], "lr": recipe.lr_unet, "name": "unet"},
-            {"params": groups["new"], "lr": recipe.lr_new, "name": "new"}]
+    out = [{"params": groups["unet"], "lr": recipe.lr_unet, "name": "unet"},
+           {"params": groups["new"], "lr": recipe.lr_new, "name": "new"}]
+    if groups["prior"]:
+        out.append({"params": groups["prior"], "lr": recipe.lr_prior, "name": "prior"})
+    return out
 
 
 def make_optimizer(model: SDFSMIS, stage: str, recipe: Recipe) -> torch.optim.AdamW:

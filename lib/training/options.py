@@ -63,6 +63,8 @@ class TrainOptions:
     lr_new: float | None = opt(None, "AdamW learning rate of the MLP, conv_in, SII (and the trained VTCT "
                                      "encoder of mini)")
     lr_vae: float | None = opt(None, "--stage vae only: learning rate of the VAE")
+    lr_prior: float | None = opt(None, "learning rate of the pretrained prior's backbone, for a preset that "
+                                       "fine-tunes it (mini-lite2-ft; the others keep it frozen)")
     mask_loss_weight: float | None = opt(None, "weight of Dice + BCE on the decoded query mask, added to the "
                                                "paper's latent MSE (default: the model's config; mini 1.0, "
                                                "sd15 0 = the paper)")

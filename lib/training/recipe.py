@@ -19,6 +19,7 @@ class Recipe:
     lr_unet: float = 1e-5          # AdamW learning rate of the UNet [1e-5]
     lr_new: float = 5e-5           # AdamW learning rate of the MLP and new layers [5e-5]
     lr_vae: float = 1e-3           # --stage vae: learning rate of the VAE
+    lr_prior: float = 1e-5         # the pretrained prior's backbone, where the preset fine-tunes it (train_prior)
     weight_decay: float = 1e-2     # AdamW [1e-2]
     batch_size: int = 1            # episodes per step [1]
     iterations: int = 15000        # planned iterations [15k]
@@ -27,7 +28,7 @@ class Recipe:
     schedule: str = "constant"     # after warm-up: constant [paper] | cosine (to 10% at the end)
 
     def __post_init__(self):
-        for name in ("lr_unet", "lr_new", "lr_vae", "weight_decay", "grad_clip"):
+        for name in ("lr_unet", "lr_new", "lr_vae", "lr_prior", "weight_decay", "grad_clip"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, not {value!r}")
@@ -54,6 +55,7 @@ RECIPES: dict[str, Recipe] = {
     "mini": Recipe(lr_unet=3e-4, lr_new=3e-4, batch_size=4, iterations=2500),   # from scratch, CPU
     # warm start from the mini checkpoint (lib.training.publish.warm_start): a shorter, gentler fine-tune
     "mini-lite2": Recipe(lr_unet=1e-4, lr_new=3e-4, batch_size=4, iterations=1500, schedule="cosine"),
+    "mini-lite2-ft": Recipe(lr_unet=1e-4, lr_new=3e-4, lr_prior=1e-5, batch_size=4, iterations=1500, schedule="cosine"),
     "tiny": Recipe(lr_unet=1e-3, lr_new=1e-3, batch_size=2, iterations=20),     # tests
 }
 
