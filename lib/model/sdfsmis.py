@@ -109,7 +109,7 @@ class SDFSMIS(nn.Module):
         if self.config.train_encoder:
             new += list(self.vtct.encoder.parameters())
         unet = [p for p in self.unet.parameters() if id(p) not in sii]
-        prior = list(self.prior_net.features.parameters()) if self.prior_net is not None and self.config.train_prior else []
+        prior = [p for p in self.prior_net.features.parameters() if p.requires_grad] if self.prior_net is not None else []
         return {"unet": unet, "new": [p for p in new if p.requires_grad], "prior": prior}
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:

@@ -50,12 +50,13 @@ class Recipe:
 
 RECIPE_FIELDS = tuple(f.name for f in fields(Recipe))
 
+_WARM_START = Recipe(lr_unet=1e-4, lr_new=3e-4, batch_size=4, iterations=1500, schedule="cosine")
 RECIPES: dict[str, Recipe] = {
     "sd15": Recipe(),                                                     # the paper
     "mini": Recipe(lr_unet=3e-4, lr_new=3e-4, batch_size=4, iterations=2500),   # from scratch, CPU
     # warm start from the mini checkpoint (lib.training.publish.warm_start): a shorter, gentler fine-tune
-    "mini-lite2": Recipe(lr_unet=1e-4, lr_new=3e-4, batch_size=4, iterations=1500, schedule="cosine"),
-    "mini-lite2-ft": Recipe(lr_unet=1e-4, lr_new=3e-4, lr_prior=1e-5, batch_size=4, iterations=1500, schedule="cosine"),
+    "mini-lite2": _WARM_START,
+    "mini-lite2-ft": _WARM_START,   # the same run; its backbone group takes lr_prior (1e-5)
     "tiny": Recipe(lr_unet=1e-3, lr_new=1e-3, batch_size=2, iterations=20),     # tests
 }
 
