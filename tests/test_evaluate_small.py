@@ -61,6 +61,15 @@ def test_prototype_floor_finds_the_organs_without_training(small, tmp_path):
     assert results["summary"]["dice"]["mean"] > 0.6
 
 
+def test_ct3d_floor_finds_the_organs_without_training(small, tmp_path):
+    """The same floor on the CT-trained 3D encoder (whole volumes through lib.evaluation.ct_encoder)."""
+    results = evaluate(["--data", str(small), "--organs", "big=1", "--method", "prototype", "--encoder", "ct3d",
+                        "--mode", "propagation", "--out", str(tmp_path / "ct3d"), "--no-progress",
+                        "--overlay-slices", "0"])
+    assert all(m["encoder"].startswith("I3ResNet-152") for m in results["models"].values())
+    assert results["summary"]["dice"]["mean"] > 0.6
+
+
 @pytest.mark.parametrize("extra, words", [(["--method", "copy", "--appearance", "0.25"], "registration or sdfsmis"),
                                           (["--method", "registration", "--appearance", "-1"], "positive weight"),
                                           (["--server", "http://127.0.0.1:9", "--appearance", "0.25"], "--conf appearance"),
@@ -68,6 +77,7 @@ def test_prototype_floor_finds_the_organs_without_training(small, tmp_path):
                                           (["--method", "registration", "--features", str(ROOT / "README.md")], "needs --appearance"),
                                           (["--method", "prototype", "--features", "missing.safetensors"], "no such file"),
                                           (["--method", "registration", "--no-locate"], "with --appearance"),
+                                          (["--method", "registration", "--encoder", "ct3d"], "is for --method prototype"),
                                           (["--no-intensity", "--preset", "tiny"], "no-intensity changes"),
                                           (["--method", "registration", "--no-intensity"], "no-intensity changes")])
 def test_appearance_is_refused_where_it_does_not_apply(small, tmp_path, extra, words):

@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features", metavar="FILE",
                    help="prototype, registration: a fine-tuned appearance backbone (`python -m lib.train_appearance`) "
                         "instead of ImageNet's")
+    p.add_argument("--encoder", choices=("lite2", "ct3d"), default="lite2",
+                   help="prototype: the 2D ImageNet EfficientNet-Lite2 of the app's appearance prior, or a CT-trained "
+                        "3D I3ResNet-152 over whole volumes (lib.evaluation.ct_encoder; 0-255 CT as Abd-CT's) [%(default)s]")
     p.add_argument("--checkpoint", help="SD-FSMIS checkpoint folder; '{fold}' is replaced by the fold number")
     p.add_argument("--preset", help="build an untrained model of this preset instead of a checkpoint (smoke runs)")
     p.add_argument("--server", metavar="URL", help="run through a MONAI Label app's 'sdfsmis' infer task")
@@ -120,6 +123,8 @@ def _method_factory(args, dataset_name: str):
                             "inside one volume; use it with one of them")
     if args.walker != PropagateOptions.walker and (args.method != "sdfsmis" or args.server):
         raise ProtocolError("--walker chooses the steps of sdfsmis in-process (on a server: --conf walker)")
+    if args.encoder != "lite2" and (args.method != "prototype" or args.features):
+        raise ProtocolError("--encoder ct3d is for --method prototype, without --features")
     if args.features and not Path(args.features).is_file():
         raise ProtocolError(f"--features {args.features}: no such file")
     if args.server:
@@ -135,9 +140,12 @@ def _method_factory(args, dataset_name: str):
         method = CopyMethod(gate=args.gate)
         return (lambda fold: method), False
     if args.method == "prototype":
-        from lib.evaluation.prototype import PrototypeMethod
+        from lib.evaluation.prototype import PrototypeMethod, VolumePrototypeMethod
 
-        method = PrototypeMethod(gate=args.gate, device=args.device, weights=args.features)
+        if args.encoder == "ct3d":
+            method = VolumePrototypeMethod(gate=args.gate, device=args.device)
+        else:
+            method = PrototypeMethod(gate=args.gate, device=args.device, weights=args.features)
         return (lambda fold: method), False
     if args.method == "registration":
         method = RegistrationMethod(threads=args.threads, chain=args.chain, gate=args.gate,
