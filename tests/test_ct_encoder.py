@@ -65,3 +65,25 @@ def test_volumes_outside_0_255_are_refused(tmp_path):
     method = VolumePrototypeMethod(encoder=_Identity())
     with pytest.raises(DatasetError, match="0-255"):
         method.volume_features(SimpleNamespace(pairs=[SimpleNamespace(image=path)]), 0)
+
+
+def test_registration_fuses_the_ct_encoders_logit(tmp_path, monkeypatch):
+    """--method registration --appearance W --encoder ct3d: the appearance term of the fusion is the CT
+    encoder's logit (here forced to 'never the organ': nothing is kept), lite2 keeps Lite2's (the organ
+    is found), lite2+ct3d their mean (Lite2's logit less 1000 / 2: nothing kept either)."""
+    from lib.evaluation.dataset import EvalDataset
+    from lib.evaluation.methods import RegistrationMethod
+    from lib.evaluation.protocol import Group, Job
+    from tests.synthetic_volumes import write_dataset
+
+    dataset = EvalDataset(write_dataset(tmp_path / "v", n=2, shape=(40, 40, 14)), {"big": 1})
+    query_z = tuple(range(5, 10))
+    job = Job(fold=0, query=1, organ="big", label=1, scored_z=query_z, groups=(Group(0, 7, query_z),))
+    found = {}
+    for encoder in ("lite2", "ct3d", "lite2+ct3d"):
+        method = RegistrationMethod(appearance=0.35, encoder=encoder)
+        if method.volume is not None:
+            monkeypatch.setattr(method.volume, "logits", lambda d, j, g: np.full((len(g.query_z), 40, 40), -1000.0))
+            assert method.describe()["ct_encoder"]["encoder"].startswith("I3ResNet-152")
+        found[encoder] = method.run_group(dataset, job, job.groups[0]).sum()
+    assert found["lite2"] > 100 and found["ct3d"] == 0 and found["lite2+ct3d"] == 0

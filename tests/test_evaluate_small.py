@@ -78,6 +78,8 @@ def test_ct3d_floor_finds_the_organs_without_training(small, tmp_path):
                                           (["--method", "prototype", "--features", "missing.safetensors"], "no such file"),
                                           (["--method", "registration", "--no-locate"], "with --appearance"),
                                           (["--method", "registration", "--encoder", "ct3d"], "is for --method prototype"),
+                                          (["--method", "prototype", "--encoder", "lite2+ct3d"], "is for --method prototype"),
+                                          (["--method", "copy", "--encoder", "ct3d"], "is for --method prototype"),
                                           (["--no-intensity", "--preset", "tiny"], "no-intensity changes"),
                                           (["--method", "registration", "--no-intensity"], "no-intensity changes")])
 def test_appearance_is_refused_where_it_does_not_apply(small, tmp_path, extra, words):

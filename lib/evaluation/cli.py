@@ -20,7 +20,7 @@ from pathlib import Path
 
 from lib.data.volumes import DatasetError
 from lib.evaluation.dataset import EvalDataset
-from lib.evaluation.methods import METHODS, CopyMethod, RegistrationMethod, SDFSMISMethod
+from lib.evaluation.methods import ENCODERS, METHODS, CopyMethod, RegistrationMethod, SDFSMISMethod
 from lib.evaluation.metrics import EMPTY_RULES
 from lib.evaluation.protocol import (
     DATASETS, MODES, ProtocolError, detect_dataset, parse_organs, propagation_plan, protocol_plan, rpt_folds,
@@ -64,9 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features", metavar="FILE",
                    help="prototype, registration: a fine-tuned appearance backbone (`python -m lib.train_appearance`) "
                         "instead of ImageNet's")
-    p.add_argument("--encoder", choices=("lite2", "ct3d"), default="lite2",
+    p.add_argument("--encoder", choices=ENCODERS, default="lite2",
                    help="prototype: the 2D ImageNet EfficientNet-Lite2 of the app's appearance prior, or a CT-trained "
-                        "3D I3ResNet-152 over whole volumes (lib.evaluation.ct_encoder; 0-255 CT as Abd-CT's) [%(default)s]")
+                        "3D I3ResNet-152 over whole volumes (lib.evaluation.ct_encoder; 0-255 CT as Abd-CT's); "
+                        "registration with --appearance: which of them gives the appearance logit, lite2+ct3d their "
+                        "mean [%(default)s]")
     p.add_argument("--checkpoint", help="SD-FSMIS checkpoint folder; '{fold}' is replaced by the fold number")
     p.add_argument("--preset", help="build an untrained model of this preset instead of a checkpoint (smoke runs)")
     p.add_argument("--server", metavar="URL", help="run through a MONAI Label app's 'sdfsmis' infer task")
@@ -123,8 +125,10 @@ def _method_factory(args, dataset_name: str):
                             "inside one volume; use it with one of them")
     if args.walker != PropagateOptions.walker and (args.method != "sdfsmis" or args.server):
         raise ProtocolError("--walker chooses the steps of sdfsmis in-process (on a server: --conf walker)")
-    if args.encoder != "lite2" and (args.method != "prototype" or args.features):
-        raise ProtocolError("--encoder ct3d is for --method prototype, without --features")
+    if args.encoder != "lite2" and (args.features or args.server or not (
+            args.method == "prototype" and args.encoder == "ct3d" or args.method == "registration" and args.appearance)):
+        raise ProtocolError("--encoder ct3d is for --method prototype, ct3d or lite2+ct3d for --method registration "
+                            "with --appearance; neither with --features")
     if args.features and not Path(args.features).is_file():
         raise ProtocolError(f"--features {args.features}: no such file")
     if args.server:
@@ -150,7 +154,7 @@ def _method_factory(args, dataset_name: str):
     if args.method == "registration":
         method = RegistrationMethod(threads=args.threads, chain=args.chain, gate=args.gate,
                                     appearance=args.appearance, device=args.device, features=args.features,
-                                    locate=args.locate, intensity=args.intensity)
+                                    locate=args.locate, intensity=args.intensity, encoder=args.encoder)
         return (lambda fold: method), False
     if bool(args.checkpoint) == bool(args.preset):
         raise ProtocolError("--method sdfsmis needs exactly one of --checkpoint, --preset or --server")

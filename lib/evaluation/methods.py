@@ -11,6 +11,7 @@ import numpy as np
 from lib.transforms.postprocess import intensity_gate
 
 METHODS = ("sdfsmis", "copy", "registration", "prototype")   # prototype: lib/evaluation/prototype.py
+ENCODERS = ("lite2", "ct3d", "lite2+ct3d")   # the prototype floor's / the registration's appearance features
 
 
 def propagated(model, options, dataset, job, group, aligner=None) -> np.ndarray:
@@ -88,13 +89,16 @@ class RegistrationMethod(ArrayMethod):
     default, the walk's result refined as the app refines it), stepping with this method's aligner.
     `appearance` > 0: across volumes, the support is first located on each query slice (`locate`), then
     registered, and each warped mask is fused with pretrained appearance and intensity (lib.pipeline.appearance,
-    that weight; `features`: a fine-tuned backbone, None = ImageNet's; `intensity` off: without intensity).
+    that weight; `features`: a fine-tuned backbone, None = ImageNet's; `intensity` off: without intensity;
+    `encoder`: the appearance logit from Lite2, from the CT encoder over whole volumes (ct3d,
+    lib.evaluation.prototype.VolumePrototypeMethod) or the mean of the two (lite2+ct3d); locating stays Lite2's).
     """
 
     name = "registration"
 
     def __init__(self, threads: int = 1, chain: bool = False, gate: bool = False, appearance: float = 0.0,
-                 device: str = "cpu", features=None, locate: bool = True, intensity: bool = True, **params):
+                 device: str = "cpu", features=None, locate: bool = True, intensity: bool = True, encoder: str = "lite2",
+                 **params):
         from lib.pipeline.appearance import AppearancePrior
         from lib.transforms.align import SliceAligner
 
@@ -103,13 +107,22 @@ class RegistrationMethod(ArrayMethod):
         self.chain, self.intensity = chain, intensity
         self._prior = dict(weight=appearance, device=device, weights=features, locate=locate, intensity=intensity)
         self.prior = AppearancePrior(**self._prior) if appearance else None
+        self.encoder = encoder
+        self.volume = None
+        if appearance and encoder != "lite2":   # the CT encoder's logit alone, or averaged with Lite2's
+            from lib.evaluation.prototype import VolumePrototypeMethod
+
+            self.volume = VolumePrototypeMethod(device=device)
 
     def describe(self) -> dict:
         return {"method": self.name, **self.aligner.params, "chain": self.chain, "intensity_gate": self.gate,
                 "chain_walk": "lib.pipeline.register_step (the app's walker registration)" if self.chain else None,
                 "intensity_log_odds": self.intensity if self.chain or self.prior else False,
                 "failures_fell_back_to_copy": self.aligner.failures,
-                **(self.prior.describe() if self.prior else {"appearance_weight": 0.0})}
+                **(self.prior.describe() if self.prior else {"appearance_weight": 0.0}),
+                **({"appearance_encoder": self.encoder, "ct_encoder": {
+                    k: v for k, v in self.volume.describe().items() if k not in ("method", "intensity_gate")}}
+                   if self.volume else {})}
 
     def segment(self, query, support_image, support_mask) -> np.ndarray:
         """query (N, H, W); support image and mask (1, H', W') for all, or (N, H', W') one per query."""
@@ -128,7 +141,12 @@ class RegistrationMethod(ArrayMethod):
             prior = AppearancePrior(**self._prior, memo=True)   # locating and fusing share the group's features
             query, image, mask = arrays = self._arrays(dataset, job, group)
             images, masks = prior.supports(query, image[0], mask[0])
-            fused = prior.fuse(query, image[0], mask[0], self.segment(query, images, masks), masks)
+            logit = None
+            if self.volume is not None:
+                logit = self.volume.logits(dataset, job, group)
+                if self.encoder == "lite2+ct3d":
+                    logit = (logit + prior.logits(query, image[0], mask[0])) / 2
+            fused = prior.fuse(query, image[0], mask[0], self.segment(query, images, masks), masks, logit=logit)
             return self.gated(fused, dataset, job, group, arrays)
         if not self.chain or group.support != job.query:
             return super().run_group(dataset, job, group)

@@ -154,15 +154,17 @@ class AppearancePrior:
             images[i], masks[i] = moved[key]
         return images, masks
 
-    def fuse(self, queries, support_image, support_mask, place, located=None, positions=None) -> np.ndarray:
+    def fuse(self, queries, support_image, support_mask, place, located=None, positions=None,
+             logit=None) -> np.ndarray:
         """place: bool (N, H, W), the organ where the step put it; located: the located support masks (N, H, W)
         (`supports`), a second place unless `locate` is off (then the support where it was: no place of
         its own) -> bool (N, H, W). Per slice, the place term is both places' where they agree (Dice >=
         AGREE), the located one's where they do not, none where the step's mask is empty; then, with
         `intensity`, the intensity log-odds of the support's organ and of the query's (module docstring).
         The query's intensity statistics for each slice come from the slices within +-WINDOW of it
-        (`positions`: the slices' indices in the volume, ascending; default consecutive)."""
-        logit = self.logits(queries, support_image, support_mask)
+        (`positions`: the slices' indices in the volume, ascending; default consecutive). logit: the
+        appearance logit (N, H, W) when it comes from elsewhere (the evaluation's CT encoder), else `logits`."""
+        logit = self.logits(queries, support_image, support_mask) if logit is None else np.asarray(logit)
         place = np.asarray(place, dtype=bool)
         term = np.stack([signed_distance(p) for p in place])
         if located is not None and self.locate:
