@@ -171,3 +171,16 @@ def test_gap_episodes_reach_distant_slices_only_through_the_supervoxel():
     assert all(abs(np.subtract(*adjacent.sample()["slices"])) == 1 for _ in range(50))
     with pytest.raises(ValueError, match="gap"):
         EpisodeSampler([(image, sv)], gap=0)
+
+
+def test_lru_keeps_the_most_recently_used():
+    """lib.data.lru.LRU (the volume caches of sampling and evaluation): a hit is not recomputed and counts as
+    a use; beyond `size` the least recently used value goes."""
+    from lib.data.lru import LRU
+
+    made = []
+    cache = LRU(2)
+    get = lambda k: cache.get(k, lambda: made.append(k) or k * 10)  # noqa: E731
+    assert [get(1), get(2), get(1), get(3)] == [10, 20, 10, 30]
+    assert made == [1, 2, 3] and 1 in cache and 2 not in cache and len(cache) == 2
+    assert get(2) == 20 and made == [1, 2, 3, 2] and 1 not in cache and 3 in cache

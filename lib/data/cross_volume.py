@@ -12,12 +12,12 @@ of its own dataset (modality); a pair's carried supervoxels are computed when fi
 """
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Sequence
 
 import numpy as np
 
 from lib.data.episodes import EpisodeSampler, grow_region, make_episode
+from lib.data.lru import LRU
 
 REG_GRID = (64, 64, 32)     # (H, W, Z) of the "affine" registration grid
 CARRY_ALIGNMENTS = ("box", "affine")   # benchmarks/cross_volume.py measures both against the labels
@@ -120,23 +120,16 @@ class CrossVolumeSampler:
                 self.pairs.append((v, int(u)))
         self._carriers: dict = {}
         self._boxes: dict[int, list[tuple[int, int]]] = {}
-        self._carried: OrderedDict = OrderedDict()
-        self._keep = keep
+        self._carried = LRU(keep)
         self.drawn = {"cross": 0, "fallback": 0}
 
     def _carried_sv(self, a: int, b: int) -> np.ndarray:
         """A's supervoxel ids on B's grid (computed once per pair, kept while recently used)."""
         key = (a, b)
-        if key in self._carried:
-            self._carried.move_to_end(key)
-            return self._carried[key]
         if key not in self._carriers:
             (img_a, sv_a), (img_b, sv_b) = self.within.volume(a), self.within.volume(b)
             self._carriers[key] = register_volumes(img_a, sv_a, img_b, sv_b, self.align)
-        self._carried[key] = self._carriers[key]()
-        while len(self._carried) > self._keep:
-            self._carried.popitem(last=False)
-        return self._carried[key]
+        return self._carried.get(key, self._carriers[key])
 
     def _box(self, v: int) -> list[tuple[int, int]]:
         """Volume v's body box (`body_box`), found once."""

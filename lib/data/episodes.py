@@ -26,10 +26,11 @@ A candidate pair that uses an excluded slice is never drawn.
 """
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Callable, Sequence, Union
 
 import numpy as np
+
+from lib.data.lru import LRU
 
 MIN_AREA = 200  # pixels of the supervoxel in each of the two slices (ADNet/RPT `min_size`)
 SETTING2_RULES = ("strict", "rpt")
@@ -189,8 +190,7 @@ class EpisodeSampler:
         self._endings: list[np.ndarray] = []  # (M_v, 3) (supervoxel id, support z, query z) per volume
         self.setting2_rule = setting2_rule
         self.exclude_labels = None if exclude_labels is None else [int(c) for c in exclude_labels]
-        self._max_loaded = max_loaded
-        self._loaded: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._loaded = LRU(None if max_loaded is None else max(1, max_loaded))   # v -> (image, supervoxels)
         self.rng = np.random.default_rng(seed)
 
         self.excluded: list[np.ndarray] = []  # bool (Z,) per volume
@@ -243,21 +243,17 @@ class EpisodeSampler:
 
     def volume(self, v: int) -> tuple[np.ndarray, np.ndarray]:
         """Volume v's (image (H, W, Z), supervoxels (H, W, Z)), loaded if it is not kept."""
-        if v in self._loaded:
-            self._loaded.move_to_end(v)
-            return self._loaded[v]
-        item = self._items[v]
-        item = item() if callable(item) else item
-        if not isinstance(item, (tuple, list)) or len(item) < 2:
-            raise ValueError(f"volume {v}: expected (image, supervoxels), got {type(item).__name__}")
-        image, sv = np.asarray(item[0]), np.asarray(item[1])
-        if image.ndim != 3 or image.shape != sv.shape:
-            raise ValueError(f"volume {v}: image {image.shape} and supervoxels {sv.shape} must be equal 3D shapes")
-        self._loaded[v] = (image, sv)
-        if self._max_loaded is not None:
-            while len(self._loaded) > max(1, self._max_loaded):
-                self._loaded.popitem(last=False)
-        return image, sv
+        def load():
+            item = self._items[v]
+            item = item() if callable(item) else item
+            if not isinstance(item, (tuple, list)) or len(item) < 2:
+                raise ValueError(f"volume {v}: expected (image, supervoxels), got {type(item).__name__}")
+            image, sv = np.asarray(item[0]), np.asarray(item[1])
+            if image.ndim != 3 or image.shape != sv.shape:
+                raise ValueError(f"volume {v}: image {image.shape} and supervoxels {sv.shape} must be equal 3D shapes")
+            return image, sv
+
+        return self._loaded.get(v, load)
 
     def sample(self) -> dict:
         """One episode (see class doc)."""

@@ -1,12 +1,12 @@
 """A dataset folder checked up front, with a small cache of normalised volumes."""
 from __future__ import annotations
 
-from collections import OrderedDict
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
+from lib.data.lru import LRU
 from lib.data.volumes import DatasetError, VolumePair, find_pairs, load_pair
 from lib.evaluation.protocol import organ_slices
 from lib.transforms import normalize_volume
@@ -46,23 +46,18 @@ class EvalDataset:
                 f"organ label id(s) {missing} occur in no label volume of {self.folder}; "
                 f"ids present: {sorted(v for v in found if v)}"
             )
-        self._cache: OrderedDict[int, tuple] = OrderedDict()
-        self._cache_size = cache_size
+        self._cache = LRU(cache_size)
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
         """(image float32 (H, W, Z) in [0, 1] via normalize_volume, label int16 (H, W, Z), spacing mm)."""
-        if index in self._cache:
-            self._cache.move_to_end(index)
-            return self._cache[index]
-        image, label, spacing = load_pair(self.pairs[index])
-        item = (normalize_volume(image), label, spacing)
-        self._cache[index] = item
-        while len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
-        return item
+        def read():
+            image, label, spacing = load_pair(self.pairs[index])
+            return normalize_volume(image), label, spacing
+
+        return self._cache.get(index, read)
 
 
 def _header_shape(path: Path) -> tuple[int, ...]:

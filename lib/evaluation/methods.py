@@ -120,9 +120,7 @@ class RegistrationMethod(ArrayMethod):
                 "intensity_log_odds": self.intensity if self.chain or self.prior else False,
                 "failures_fell_back_to_copy": self.aligner.failures,
                 **(self.prior.describe() if self.prior else {"appearance_weight": 0.0}),
-                **({"appearance_encoder": self.encoder, "ct_encoder": {
-                    k: v for k, v in self.volume.describe().items() if k not in ("method", "intensity_gate")}}
-                   if self.volume else {})}
+                **({"appearance_encoder": self.encoder, "ct_encoder": self.volume.encoder_info()} if self.volume else {})}
 
     def segment(self, query, support_image, support_mask) -> np.ndarray:
         """query (N, H, W); support image and mask (1, H', W') for all, or (N, H', W') one per query."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from lib.data.lru import LRU
 from lib.evaluation.methods import ArrayMethod
 
 
@@ -52,21 +53,23 @@ class VolumePrototypeMethod(ArrayMethod):
         super().__init__(gate)
         self.window, self.to_ras = tuple(window), tuple(to_ras)
         self.encoder = encoder or CTEncoder(layers or LAYERS, device=device)
-        self.cache_size = cache_size
-        self._cache: dict[int, list] = {}
+        self._features = LRU(cache_size)
 
-    def describe(self) -> dict:
+    def encoder_info(self) -> dict:
+        """What the features come from and how volumes are prepared for it."""
         from lib.evaluation.ct_encoder import SPACING, WEIGHTS
 
-        return {"method": self.name, "encoder": f"I3ResNet-152 ({WEIGHTS}), {'+'.join(self.encoder.layers)}",
-                "spacing_mm": list(SPACING), "hu_window": list(self.window), "flip_to_ras": list(self.to_ras),
-                "intensity_gate": self.gate}
+        return {"encoder": f"I3ResNet-152 ({WEIGHTS}), {'+'.join(self.encoder.layers)}",
+                "spacing_mm": list(SPACING), "hu_window": list(self.window), "flip_to_ras": list(self.to_ras)}
+
+    def describe(self) -> dict:
+        return {"method": self.name, **self.encoder_info(), "intensity_gate": self.gate}
 
     def volume_features(self, dataset, index: int) -> list:
         """Per-layer features (C, z, x, y) of volume `index`, in the array's own axis directions."""
         from lib.data.volumes import DatasetError, load_volume
 
-        if index not in self._cache:
+        def compute():
             raw, spacing = load_volume(dataset.pairs[index].image)
             if raw.min() < 0 or raw.max() > 255:
                 raise DatasetError(f"{dataset.pairs[index].image}: values {raw.min():g}..{raw.max():g}; the CT "
@@ -74,11 +77,9 @@ class VolumePrototypeMethod(ArrayMethod):
             lo, hi = self.window
             hu = np.flip(raw / 255.0 * (hi - lo) + lo, self.to_ras)
             flip = [2 + a for a in self.to_ras]                                       # (C, z, x, y): x = 2, y = 3
-            feats = [f.flip(flip) if flip else f for f in self.encoder.features(hu, spacing)]
-            if len(self._cache) >= self.cache_size:
-                self._cache.pop(next(iter(self._cache)))
-            self._cache[index] = feats
-        return self._cache[index]
+            return [f.flip(flip) for f in self.encoder.features(hu, spacing)]
+
+        return self._features.get(index, compute)
 
     def logits(self, dataset, job, group) -> np.ndarray:
         """float32 (N, H, W): the organ-vs-background logit (lib.model.prototypes) of the group's query
