@@ -149,6 +149,7 @@ def stack(tmp_path_factory):
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"   # dcmqi's itkimage2segimage: no download
     env["MONAI_LABEL_DICOMWEB_CACHE_PATH"] = str(work / "cache")
     env["MONAI_LABEL_DICOMWEB_SEARCH_FILTER"] = json.dumps({"Modality": "CT"})
+    env["SDFSMIS_PSEUDOLABEL_CACHE"] = str(work / "pseudolabels")   # the trainer's cache, not the user's
     server = None
     try:
         url = f"http://127.0.0.1:{orthanc_port}/dicom-web"
@@ -166,7 +167,8 @@ def stack(tmp_path_factory):
         log = open(work / "server.log", "w")
         server = subprocess.Popen(
             [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(APP), "--studies", url,
-             "--host", "127.0.0.1", "--port", str(server_port)],
+             "--host", "127.0.0.1", "--port", str(server_port),
+             "--conf", "train_dir", str(work / "train")],   # "Update Model" must not publish into the app's model/
             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         base = f"http://127.0.0.1:{server_port}"
@@ -181,7 +183,7 @@ def stack(tmp_path_factory):
         except (AssertionError, SystemExit):
             pytest.fail("MONAI Label server did not start; log tail:\n" + (work / "server.log").read_text()[-3000:])
         yield {"base": base, "study": uids["StudyInstanceUID"], "series": uids["SeriesInstanceUID"],
-               "truth": truth, "annotated": annotated, "log": work / "server.log"}
+               "truth": truth, "annotated": annotated, "log": work / "server.log", "train_dir": work / "train"}
     finally:
         if server is not None:
             try:
@@ -443,4 +445,5 @@ def run_workflow(d, stack):
 
     status = wait_until(training_seen, 60, "the training task started from OHIF")
     assert status.get("status") in ("RUNNING", "DONE"), status
+    wait_until(lambda: stack["train_dir"].is_dir(), 60, "the trainer's output in the test's train_dir")
     d.save_screenshot(str(ARTIFACTS / "ohif-sdfsmis-training.png"))
